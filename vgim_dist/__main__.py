@@ -1,0 +1,5 @@
+import sys
+
+from vgim_dist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""``vgim``: the command line. Each subcommand parses its arguments and calls into the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from vgim_dist.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML experiment file, e.g. configs/vgim.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set run.steps=100 (repeatable)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vgim_dist.train.reference import Interrupted  # noqa: PLC0415
+    from vgim_dist.train.run import train  # noqa: PLC0415
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except Interrupted as e:
+        print(f"vgim train: {e}", file=sys.stderr)
+        return 130
+    print(json.dumps({"run_dir": cfg.run.dir, "steps": summary["steps"]}))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vgim_dist.model import describe  # noqa: PLC0415
+
+    cfg = load_config(args.config, args.overrides)
+    rows = describe(cfg.model, args.samples or cfg.data.crop)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    samples = args.samples or cfg.data.crop
+    print(f"{args.config}: {len(rows)} modules, input {samples} samples")
+    print(f"{'module':>6}  {'params':>10}  {'channels':>8}  {'frames':>6}  {'hop':>5}  {'field':>6}  layers")
+    for r in rows:
+        print(f"{r['module']:>6}  {r['params']:>10,}  {r['channels']:>8}  {r['frames']:>6}  {r['hop']:>5}  "
+              f"{r['receptive_field']:>6}  {', '.join(r['layers'])}")
+    print(f"{'total':>6}  {sum(r['params'] for r in rows):>10,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vgim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a config (reference or pipeline runner)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("inspect", help="table of modules: parameters, frames, hop, receptive field")
+    _add_config_args(p)
+    p.add_argument("--samples", type=int, default=0, help="input length in samples (default: data.crop)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per module")
+    p.set_defaults(func=cmd_inspect)
+
+    try:
+        from vgim_dist.data.cli import add_data_commands  # noqa: PLC0415
+    except ImportError:  # data commands not installed in this build
+        pass
+    else:
+        add_data_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"vgim: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

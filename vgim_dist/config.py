@@ -1,0 +1,279 @@
+"""Typed experiment configuration: dataclasses, loaded from YAML, overridden with ``--set a.b.c=value``.
+
+Every value is checked against its declared type and range when the config is built. An unknown key fails
+with the closest valid keys; a bad value names the key, what was expected and what was given. Nothing is
+read from the command line at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vgim_dist.data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the key."""
+
+
+def _opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
+         factory: Any = dataclasses.MISSING, doc: str = "") -> Any:
+    """A dataclass field with an inclusive range [lo, hi] that `from_dict` enforces."""
+    meta = {"lo": lo, "hi": hi, "doc": doc}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class LayerConfig:
+    """One conv block: Conv1d -> [BatchNorm1d] -> ReLU -> [MaxPool1d]."""
+
+    kernel: int = _opt(lo=1)
+    stride: int = _opt(1, lo=1)
+    padding: int = _opt(0, lo=0)
+    pool_kernel: int = _opt(0, lo=0, doc="MaxPool1d kernel after the ReLU; 0 = no pooling")
+    pool_stride: int = _opt(0, lo=0, doc="MaxPool1d stride; 0 = pool_kernel")
+
+
+@dataclass
+class ModuleConfig:
+    """A greedy module: a run of conv blocks and/or a GRU, trained by its own loss."""
+
+    layers: list[LayerConfig] = _opt(factory=list)
+    autoregressor: int = _opt(0, lo=0, doc="GRU hidden size ending the module; 0 = none")
+
+
+@dataclass
+class ModelConfig:
+    modules: list[ModuleConfig] = _opt(factory=list)
+    channels: int = _opt(512, lo=1, doc="width of every conv layer and Gaussian head")
+    batch_norm: bool = True
+    variational: bool = _opt(True, doc="V-GIM Gaussian latents (two samples); false = GIM (c = z = mu)")
+    kld_weight: float = _opt(0.0033, lo=0.0)
+    head_kernel: int = _opt(1, lo=1, doc="kernel of the mu / log-variance heads (stride 1, same length)")
+    prediction_steps: int = _opt(10, lo=1, doc="K, offsets predicted by InfoNCE")
+    negatives: int = _opt(10, lo=1)
+    subsample_frames: int = _opt(128, lo=2, doc="InfoNCE window when a sequence is longer")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _opt(2e-4, lo=0.0)
+    beta1: float = _opt(0.9, lo=0.0, hi=1.0)
+    beta2: float = _opt(0.999, lo=0.0, hi=1.0)
+    eps: float = _opt(1e-8, lo=0.0)
+    weight_decay: float = _opt(0.0, lo=0.0)
+    lr_decay: float = _opt(1.0, lo=0.0, hi=1.0, doc="lr *= lr_decay every decay_every steps")
+    decay_every: int = _opt(0, lo=0, doc="steps per decay (an epoch); 0 = constant lr")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    steps: int = _opt(1000, lo=0)
+    runner: Literal["reference", "pipeline"] = "reference"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: int = _opt(0, lo=0, doc="torch threads per stage; 0 = torch's default")
+    log_every: int = _opt(10, lo=1)
+    eval_batches: int = _opt(0, lo=0, doc="held-out batches evaluated at the end; 0 = none")
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[list[int]] = _opt(factory=list, doc="module indices per stage; [] = one stage holding all")
+    in_flight: int = _opt(2, lo=1, doc="batches a stage may run ahead of its consumer")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _opt(0, lo=0, doc="save every N steps; 0 = only at the end")
+    keep: int = _opt(0, lo=0, doc="keep the newest N checkpoints; 0 = all")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = False
+    uri: str = _opt("", doc="MLflow tracking URI; '' = sqlite:///<run.dir>/mlflow.db")
+    experiment: str = "vgim"
+    model_name: str = _opt("", doc="registered model name; '' = do not register")
+
+
+@dataclass
+class Config:
+    seed: int = _opt(0, lo=0)
+    run: RunConfig = _opt(factory=RunConfig)
+    data: DataConfig = _opt(factory=DataConfig)
+    model: ModelConfig = _opt(factory=ModelConfig)
+    optim: OptimConfig = _opt(factory=OptimConfig)
+    pipeline: PipelineConfig = _opt(factory=PipelineConfig)
+    checkpoint: CheckpointConfig = _opt(factory=CheckpointConfig)
+    tracking: TrackingConfig = _opt(factory=TrackingConfig)
+
+    def stage_modules(self) -> list[list[int]]:
+        """The module indices of each stage (one stage with every module when none are given)."""
+        return self.pipeline.stages or [list(range(len(self.model.modules)))]
+
+    def validate(self) -> None:
+        """Cross-field checks; each message carries the numbers that broke it."""
+        n = len(self.model.modules)
+        if n == 0:
+            raise ConfigError("model.modules: at least one module is required")
+        for i, m in enumerate(self.model.modules):
+            if not m.layers and not m.autoregressor:
+                raise ConfigError(f"model.modules.{i}: a module needs conv layers, an autoregressor, or both")
+            if not m.layers and i == 0:
+                raise ConfigError("model.modules.0: the first module must start with conv layers (raw audio in)")
+        flat = [i for s in self.stage_modules() for i in s]
+        if flat != list(range(n)) or any(not s for s in self.stage_modules()):
+            raise ConfigError(f"pipeline.stages: {self.pipeline.stages} must split modules 0..{n - 1} into "
+                              f"non-empty contiguous runs in order, e.g. [[0], [1, 2, 3]]")
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, tp: Any, key: str, meta: dict | None = None) -> Any:
+    """Check ``value`` against the type hint ``tp``; return it converted (YAML strings like 2e-4 -> float)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key, meta)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}.{i}") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        value = int(value)
+    elif tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if value != value:
+            raise ConfigError(f"{key}: expected a number, got NaN")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    else:  # pragma: no cover - schema error, not user error
+        raise TypeError(f"unsupported config type {tp} at {key}")
+    lo, hi = (meta or {}).get("lo"), (meta or {}).get("hi")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{key}: expected a {tp.__name__} {bounds}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and ill-typed values."""
+    names = _field_names(cls)
+    for k in data:
+        if k not in names:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            close = difflib.get_close_matches(str(k), names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(f'{prefix}.{c}' if prefix else c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint} (valid here: {', '.join(names)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key, dict(f.metadata))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML; list elements addressed by index) to a nested dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r}: expected KEY=VALUE, e.g. run.steps=100")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # a plain string such as a URI with a colon
+    parts = key.strip().split(".")
+    node: Any = tree
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key!r}: {where} is not an index of a list of {len(node)}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {key!r}: {where} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {key!r}: {last} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides, type-check and validate."""
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for o in overrides:
+        apply_override(tree, o)
+    cfg = from_dict(Config, tree)
+    cfg.validate()
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,37 @@
+"""One way to read and write run files, whether the run directory is a local path or s3://bucket/prefix."""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+
+
+def open_dir(uri: str, endpoint_url: str = "") -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root path) for a directory URI. S3 honours ``endpoint_url`` or ``AWS_ENDPOINT_URL``."""
+    options = {}
+    if uri.startswith("s3://"):
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL", "")
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return fs, path.rstrip("/")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a file whole: to a temporary name then renamed on local disks, in one PUT on object stores,
+    so that a reader never sees half a file."""
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if is_local(fs):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)

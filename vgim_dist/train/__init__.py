@@ -1,0 +1,1 @@
+"""Training: stages, checkpoints, metrics, and the runners that drive them."""

@@ -1,0 +1,97 @@
+"""The reference runner: every stage in one process, in order. Its numbers define what a run means; the
+pipeline runner drives the same Stage code and must end bitwise equal on CPU."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import torch
+
+from vgim_dist.config import Config
+from vgim_dist.data.source import BatchSource, build_source
+from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.metrics import MetricsLog
+from vgim_dist.train.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT after saving a resumable checkpoint."""
+
+
+class ReferenceRunner:
+    cfg: Config
+    stages: list[Stage]
+    source: BatchSource
+    checkpoints: CheckpointManager
+    metrics: MetricsLog
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg = cfg
+        self.stages = [Stage(cfg, s, device) for s in range(len(cfg.stage_modules()))]
+        self.source = build_source(cfg.data, cfg.seed)
+        self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
+        self.metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
+        self._stop = False
+
+    def restore(self, resume: bool) -> int:
+        """The step to start from: the latest complete checkpoint with ``resume``, else 0 on an empty run."""
+        latest = self.checkpoints.latest()
+        if latest is None:
+            if resume:
+                log.warning("--resume: no checkpoint under %s, starting at step 0", self.checkpoints.root)
+            return 0
+        if not resume:
+            raise FileExistsError(f"{self.cfg.run.dir} already holds checkpoints (latest step {latest}); "
+                                  "pass --resume to continue it or choose another run.dir")
+        for stage in self.stages:
+            self.checkpoints.load_stage(stage, latest)
+        self.metrics.resume(latest)
+        log.info("resumed from step %d", latest)
+        return latest
+
+    def save(self, step: int) -> None:
+        for stage in self.stages:
+            self.checkpoints.save_stage(stage, step)
+        self.checkpoints.commit(step, [i for s in self.stages for i in s.module_ids])
+        self.metrics.flush()
+
+    def run(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        start = self.restore(resume)
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        step, every, last_saved = start, cfg.checkpoint.every, start
+        window_t, window_steps = time.perf_counter(), 0
+        try:
+            while step < cfg.run.steps and not self._stop:
+                x = self.source.batch(step)
+                values: dict = {}
+                for stage in self.stages:
+                    x, m = stage.train_step(x)
+                    values.update(m)
+                step += 1
+                window_steps += 1
+                if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                    elapsed = time.perf_counter() - window_t
+                    values["windows_per_s"] = window_steps * cfg.data.batch_size / elapsed
+                    values["step_time_s"] = elapsed / window_steps
+                    self.metrics.record(step, values)
+                    window_t, window_steps = time.perf_counter(), 0
+                if every and step % every == 0:
+                    self.save(step)
+                    last_saved = step
+            if step != last_saved or step == 0:
+                self.save(step)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.source.close()
+        if self._stop and step < cfg.run.steps:
+            raise Interrupted(f"stopped at step {step}; checkpoint saved, continue with --resume")
+        return {"steps": step, "final": self.metrics.rows[-1] if self.metrics.rows else {}}
+
+    def _on_sigint(self, signum, frame) -> None:
+        # Finish the step in flight so that every stage stops at the same step, then checkpoint.
+        self._stop = True

@@ -1,0 +1,59 @@
+"""The training entry point: resolve the config, prepare the run directory, start the chosen runner."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+
+import torch
+
+from vgim_dist.config import Config, dump_config
+from vgim_dist.model import describe
+from vgim_dist.storage import open_dir, write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device: cuda requested but no CUDA device is visible")
+    return torch.device(name)
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Train ``cfg`` to ``run.steps`` and return the run summary (also ``<run.dir>/summary.json``)."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
+    write_bytes(fs, f"{root}/config.yaml", dump_config(cfg).encode())
+
+    rows = describe(cfg.model, cfg.data.crop)
+    for r in rows:
+        if r["frames"] <= cfg.model.prediction_steps:
+            raise ValueError(f"module {r['module']} emits {r['frames']} frames for data.crop = {cfg.data.crop} "
+                             f"samples; InfoNCE needs more than model.prediction_steps = "
+                             f"{cfg.model.prediction_steps}")
+    log.info("device %s, %d threads, torch %s, python %s", device, torch.get_num_threads(), torch.__version__,
+             platform.python_version())
+    log.info("stages %s, batch %d x %d samples, %d steps", cfg.stage_modules(), cfg.data.batch_size,
+             cfg.data.crop, cfg.run.steps)
+    for r in rows:
+        log.info("module %d: %.2f M params, %d x %d out, hop %d, receptive field %d", r["module"],
+                 r["params"] / 1e6, r["channels"], r["frames"], r["hop"], r["receptive_field"])
+    log.info("total %d trainable parameters", sum(r["params"] for r in rows))
+
+    if cfg.run.runner == "pipeline":
+        from vgim_dist.pipeline.runner import PipelineRunner  # noqa: PLC0415 - Ray only when asked for
+
+        summary = PipelineRunner(cfg).run(resume)
+    else:
+        from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
+
+        summary = ReferenceRunner(cfg, device).run(resume)
+    summary = {"runner": cfg.run.runner, "stages": cfg.stage_modules(), **summary}
+    write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
+    return summary

@@ -1,0 +1,125 @@
+"""A pipeline stage: consecutive greedy modules, each with its own optimizer and its own RNG stream.
+
+Per-module optimizers and generators make the numbers independent of how modules are grouped into
+stages: a 1-stage reference run and a 4-stage pipeline draw the same noise and take the same steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vgim_dist.config import Config
+from vgim_dist.data.source import derive_seed
+from vgim_dist.model import GreedyModule, build_module
+
+
+def stage_generator(seed: int, module: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, "train", module))
+
+
+class Stage:
+    """Trains modules ``module_ids`` on whatever the previous stage hands it; sends nothing back."""
+
+    index: int
+    module_ids: list[int]
+    modules: nn.ModuleList          # GreedyModule per id
+    optimizers: list[torch.optim.Adam]
+    generators: list[torch.Generator]
+    step: int                       # optimizer steps taken
+    device: torch.device
+
+    def __init__(self, cfg: Config, index: int, device: torch.device | str = "cpu"):
+        self.cfg, self.index = cfg, index
+        self.module_ids = cfg.stage_modules()[index]
+        self.device = torch.device(device)
+        self.modules = nn.ModuleList([build_module(cfg.model, i, cfg.seed) for i in self.module_ids]).to(self.device)
+        o = cfg.optim
+        self.optimizers = [torch.optim.Adam(m.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                            weight_decay=o.weight_decay) for m in self.modules]
+        self.generators = [stage_generator(cfg.seed, i, self.device) for i in self.module_ids]
+        self.step = 0
+
+    def lr(self, step: int) -> float:
+        o = self.cfg.optim
+        return o.lr * o.lr_decay ** (step // o.decay_every) if o.decay_every else o.lr
+
+    def train_step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimizer step of every module on batch ``x``; returns the detached output and loss terms.
+
+        Module k trains on module k-1's output computed before k-1's update (the greedy reference order).
+        Metrics stay 0-dim tensors so that a GPU stage never waits on a host sync here.
+        """
+        x = x.to(self.device, non_blocking=True)
+        lr = self.lr(self.step)
+        metrics: dict[str, torch.Tensor] = {}
+        for i, module, opt, gen in zip(self.module_ids, self.modules, self.optimizers, self.generators):
+            module.train()
+            out = module(x, gen)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            metrics[f"module.{i}.nce"] = out.nce.detach()
+            metrics[f"module.{i}.kl"] = out.kl.detach()
+            metrics[f"module.{i}.loss"] = out.loss.detach()
+            x = out.output
+        self.step += 1
+        return x, metrics
+
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss terms on a held-out batch: eval mode (BatchNorm statistics untouched), no_grad, and its own
+        generator per batch so that evaluation never shifts the training RNG streams."""
+        x = x.to(self.device)
+        metrics = {}
+        for i, module in zip(self.module_ids, self.modules):
+            module.eval()
+            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, "eval", i, batch))
+            out = module(x, gen)
+            metrics[f"module.{i}.nce"], metrics[f"module.{i}.kl"] = out.nce, out.kl
+            metrics[f"module.{i}.loss"] = out.loss
+            x = out.output
+        return x, metrics
+
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.modules.parameters() if p.requires_grad)
+
+    # ----------------------------------------------------------------------------------- state
+
+    def module_state(self, pos: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+        """(weights, optimizer + RNG tensors, JSON metadata) of the stage's ``pos``-th module.
+
+        Keys name the module, not the stage (``module.2.layers.0.0.weight``), so checkpoints of runs with
+        different stage splits compare key by key.
+        """
+        i, module, opt, gen = self.module_ids[pos], self.modules[pos], self.optimizers[pos], self.generators[pos]
+        prefix = f"module.{i}."
+        weights = {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        names = [n for n, _ in module.named_parameters()]
+        sd = opt.state_dict()
+        train = {f"{prefix}optim.{names[idx]}.{key}": t.detach().cpu().contiguous()
+                 for idx, state in sd["state"].items() for key, t in state.items()}
+        train[prefix + "rng"] = gen.get_state().cpu()
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+        return weights, train, {"module": i, "step": self.step, "param_groups": groups}
+
+    def load_module_state(self, pos: int, weights: dict, train: dict, meta: dict) -> None:
+        i, module, opt, gen = self.module_ids[pos], self.modules[pos], self.optimizers[pos], self.generators[pos]
+        prefix = f"module.{i}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items()}, strict=True)
+        names = [n for n, _ in module.named_parameters()]
+        state: dict[int, dict] = {}
+        for idx, name in enumerate(names):
+            keys = {k[len(f"{prefix}optim.{name}."):]: v for k, v in train.items()
+                    if k.startswith(f"{prefix}optim.{name}.")}
+            if keys:
+                state[idx] = keys
+        groups = [dict(g, params=list(range(len(names)))) for g in meta["param_groups"]]
+        for g in groups:
+            g["betas"] = tuple(g["betas"])
+        opt.load_state_dict({"state": state, "param_groups": groups})
+        gen.set_state(train[prefix + "rng"])
+        self.step = int(meta["step"])
+
