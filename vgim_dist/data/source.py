@@ -1,0 +1,46 @@
+"""Batch sources: training batches as a pure function of (seed, step)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+import torch
+
+from vgim_dist.data.config import DataConfig
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of names and numbers (stable across processes and machines)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class BatchSource(Protocol):
+    def batch(self, step: int) -> torch.Tensor:
+        """Training batch for ``step``: float32 (B, 1, crop) in [-1, 1]; equal for equal (seed, step)."""
+
+    def close(self) -> None: ...
+
+
+class NoiseSource:
+    """Seeded random audio-like batches: for tests and benchmarks that need no corpus."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+
+    def batch(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "noise", step))
+        x = torch.randn(self.cfg.batch_size, 1, self.cfg.crop, generator=g) * 0.1
+        return x.clamp_(-1.0, 1.0)
+
+    def close(self) -> None:
+        pass
+
+
+def build_source(cfg: DataConfig, seed: int) -> BatchSource:
+    if cfg.uri == "noise://":
+        return NoiseSource(cfg, seed)
+    from vgim_dist.data.loader import ShardSource  # noqa: PLC0415 - heavy deps only when shards are used
+
+    return ShardSource(cfg, seed)
