@@ -200,7 +200,7 @@ def _coerce(value: Any, tp: Any, key: str, meta: dict | None = None) -> Any:
     lo, hi = (meta or {}).get("lo"), (meta or {}).get("hi")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ConfigError(f"{key}: expected a {tp.__name__} {bounds}, got {value!r}")
+        raise ConfigError(f"{key}: expected {tp.__name__} {bounds}, got {value!r}")
     return value
 
 

@@ -1,0 +1,140 @@
+"""The reference trainer: determinism, split independence, checkpoint/restore across processes, evaluation
+that leaves the model untouched, SIGINT that leaves a resumable checkpoint."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vgim_dist.config import load_config
+from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.run import train
+from vgim_dist.train.stage import Stage
+
+# Small enough for seconds per run, with every mechanism of the smoke config (4 modules, BatchNorm, GRU).
+FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=2", "run.threads=1"]
+
+
+def cfg_for(run_dir, *extra):
+    return load_config("configs/smoke.yaml", [*FAST, f"run.dir={run_dir}", *extra])
+
+
+def final_state(run_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of the latest checkpoint: weights, buffers, optimizer moments, RNG states."""
+    ckpt = CheckpointManager(str(run_dir))
+    d = Path(ckpt.step_dir(ckpt.latest()))
+    state = {}
+    for f in sorted(d.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_same_seed_same_parameters(tmp_path):
+    train(cfg_for(tmp_path / "a", "run.steps=6"))
+    train(cfg_for(tmp_path / "b", "run.steps=6"))
+    assert_bitwise_equal(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+    train(cfg_for(tmp_path / "c", "run.steps=6", "seed=1"))
+    c = final_state(tmp_path / "c")
+    assert not torch.equal(c["module.0.layers.0.0.weight"], final_state(tmp_path / "a")["module.0.layers.0.0.weight"])
+
+
+def test_stage_split_does_not_change_the_numbers(tmp_path):
+    train(cfg_for(tmp_path / "one", "run.steps=5", "pipeline.stages=[]"))
+    train(cfg_for(tmp_path / "four", "run.steps=5", "pipeline.stages=[[0],[1],[2],[3]]"))
+    assert_bitwise_equal(final_state(tmp_path / "one"), final_state(tmp_path / "four"))
+
+
+def test_checkpoint_keys_name_modules_and_load_without_pickle(tmp_path):
+    train(cfg_for(tmp_path, "run.steps=4", "checkpoint.every=2"))
+    ckpt = CheckpointManager(str(tmp_path))
+    assert ckpt.steps() == [2, 4]
+    d = Path(ckpt.step_dir(4))
+    assert json.loads((d / "checkpoint.json").read_text())["modules"] == [0, 1, 2, 3]
+    weights = load_file(d / "module-2.safetensors")
+    assert weights and all(k.startswith("module.2.") for k in weights)
+    train_state = load_file(d / "module-2.train.safetensors")
+    assert "module.2.rng" in train_state and any(".optim." in k for k in train_state)
+    assert (tmp_path / "config.yaml").exists() and load_config(tmp_path / "config.yaml").run.steps == 4
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "vgim_dist", "train", "configs/smoke.yaml", *args],
+                          capture_output=True, text=True, **kw)
+
+
+def test_2n_steps_equal_n_then_restore_in_new_process_then_n(tmp_path):
+    sets = [a for s in FAST for a in ("--set", s)]
+    straight = run_cli(*sets, "--set", f"run.dir={tmp_path / 'straight'}", "--set", "run.steps=8")
+    assert straight.returncode == 0, straight.stderr
+    first = run_cli(*sets, "--set", f"run.dir={tmp_path / 'split'}", "--set", "run.steps=4")
+    assert first.returncode == 0, first.stderr
+    again = run_cli(*sets, "--set", f"run.dir={tmp_path / 'split'}", "--set", "run.steps=8")
+    assert again.returncode != 0 and "pass --resume" in again.stderr
+    second = run_cli(*sets, "--set", f"run.dir={tmp_path / 'split'}", "--set", "run.steps=8", "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from step 4" in second.stderr
+    assert_bitwise_equal(final_state(tmp_path / "straight"), final_state(tmp_path / "split"))
+    steps = [json.loads(l)["step"] for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_sigint_leaves_a_resumable_checkpoint(tmp_path):
+    sets = [a for s in FAST for a in ("--set", s)]
+    proc = subprocess.Popen([sys.executable, "-m", "vgim_dist", "train", "configs/smoke.yaml", *sets,
+                             "--set", f"run.dir={tmp_path}", "--set", "run.steps=100000"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    ckpt = CheckpointManager(str(tmp_path))
+    step = ckpt.latest()
+    assert step and step > 0
+    state = final_state(tmp_path)
+    resumed = run_cli(*sets, "--set", f"run.dir={tmp_path}", "--set", f"run.steps={step + 2}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert ckpt.latest() == step + 2
+    assert not torch.equal(final_state(tmp_path)["module.0.layers.0.0.weight"], state["module.0.layers.0.0.weight"])
+
+
+def test_evaluation_leaves_parameters_and_batchnorm_untouched(tmp_path):
+    cfg = cfg_for(tmp_path)
+    stage = Stage(cfg, 0)
+    x = torch.randn(4, 1, 2560)
+    stage.train_step(x)
+    before = {k: v.clone() for k, v in stage.modules.state_dict().items()}
+    rng = [g.get_state() for g in stage.generators]
+    _, m1 = stage.eval_step(x, batch=0)
+    _, m2 = stage.eval_step(x, batch=0)
+    after = stage.modules.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(a, g.get_state()) for a, g in zip(rng, stage.generators))
+    assert all(torch.equal(m1[k], m2[k]) for k in m1)          # evaluation is repeatable
+    assert all(not v.requires_grad for v in m1.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="cuda requested but no CUDA device"):
+        train(cfg_for(tmp_path, "run.device=cuda", "run.steps=1"))
+
+
+def test_too_short_crop_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"module 1 emits 9 frames for data.crop = 640 samples"):
+        train(cfg_for(tmp_path, "data.crop=640"))
+
