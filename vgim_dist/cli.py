@@ -48,6 +48,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from vgim_dist.config import describe_keys, dump_config  # noqa: PLC0415
+
+    if args.keys:
+        for key, kind, default, doc in describe_keys():
+            print(f"{key:<28} {kind:<32} {default:<16} {doc}")
+        return 0
+    if not args.config:
+        print("vgim config: give a CONFIG file, or --keys for the reference of every key", file=sys.stderr)
+        return 2
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vgim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=0, help="input length in samples (default: data.crop)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per module")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("config", help="print the resolved config, or every key with its type and default")
+    p.add_argument("config", nargs="?", help="YAML experiment file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--keys", action="store_true", help="list every config key: type, range, default, meaning")
+    p.set_defaults(func=cmd_config)
 
     try:
         from vgim_dist.data.cli import add_data_commands  # noqa: PLC0415

@@ -87,7 +87,6 @@ class RunConfig:
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int = _opt(0, lo=0, doc="torch threads per stage; 0 = torch's default")
     log_every: int = _opt(10, lo=1)
-    eval_batches: int = _opt(0, lo=0, doc="held-out batches evaluated at the end; 0 = none")
 
 
 @dataclass
@@ -273,6 +272,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = from_dict(Config, tree)
     cfg.validate()
     return cfg
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf key of the schema: the config reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe_keys(tp, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+        if typing.get_origin(tp) is Literal:
+            kind = "one of " + "|".join(typing.get_args(tp))
+        else:
+            kind = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        if lo is not None:
+            kind += f" >= {lo}" if hi is None else f" in [{lo}, {hi}]"
+        rows.append((key, kind, repr(default), f.metadata.get("doc", "")))
+    return rows
 
 
 def dump_config(cfg: Config) -> str:
