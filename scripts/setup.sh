@@ -3,12 +3,14 @@
 # The same script serves `make`, CI and the Docker image, so that CI proves the image's install steps.
 #   scripts/setup.sh            system packages + .venv (dev extras included)
 #   VENV=/opt/venv EXTRAS=      scripts/setup.sh   (the image: its own venv, no dev extras)
+#   DEPS_ONLY=1 scripts/setup.sh                     dependencies only (the image's cached layer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS-dev}
 APT_PACKAGES=(espeak-ng libsndfile1)
+python3 -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -26,14 +28,30 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-stamp="$VENV/.vgim-installed"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
+pip=("$VENV/bin/python" -m pip install --quiet)
+
+if [ "${DEPS_ONLY:-0}" = 1 ]; then
+  # The dependencies named in pyproject.toml, without the package: a layer that survives source edits.
+  "${pip[@]}" --upgrade pip
+  mapfile -t deps < <("$VENV/bin/python" - "$EXTRAS" <<'PY'
+import sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = [e for e in sys.argv[1].split(",") if e]
+print("\n".join(project["dependencies"] + [d for e in extras for d in project["optional-dependencies"][e]]))
+PY
+  )
+  "${pip[@]}" "${deps[@]}"
+  exit 0
+fi
+
+stamp="$VENV/.vgim-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   spec="."
   [ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e "$spec"
+  "${pip[@]}" --upgrade pip
+  "${pip[@]}" -e "$spec"
   touch "$stamp"
 fi

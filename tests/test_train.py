@@ -138,3 +138,13 @@ def test_too_short_crop_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"module 1 emits 9 frames for data.crop = 640 samples"):
         train(cfg_for(tmp_path, "data.crop=640"))
 
+
+
+def test_bf16_autocast_trains_close_to_fp32():
+    losses, outputs = {}, {}
+    for precision in ("fp32", "bf16"):
+        stage = Stage(cfg_for("unused", f"run.precision={precision}"), 0)
+        outputs[precision], m = stage.train_step(torch.randn(4, 1, 2560, generator=torch.Generator().manual_seed(0)))
+        losses[precision] = float(m["module.0.nce"])
+    assert outputs["bf16"].dtype == torch.bfloat16            # half the bytes between stages
+    assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.05

@@ -86,6 +86,7 @@ class RunConfig:
     runner: Literal["reference", "pipeline"] = "reference"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int = _opt(0, lo=0, doc="torch threads per stage; 0 = torch's default")
+    precision: Literal["fp32", "bf16"] = _opt("fp32", doc="bf16 = autocast the forward pass (GPU); fp32 master weights")
     log_every: int = _opt(10, lo=1)
 
 
@@ -107,6 +108,10 @@ class TrackingConfig:
     uri: str = _opt("", doc="MLflow tracking URI; '' = sqlite:///<run.dir>/mlflow.db")
     experiment: str = "vgim"
     model_name: str = _opt("", doc="registered model name; '' = do not register")
+    flush_every: int = _opt(10, lo=1, doc="metric rows a stage buffers before one log_batch request")
+    retries: int = _opt(3, lo=1, doc="attempts per request to the tracking store, with exponential backoff")
+    system_metrics: bool = _opt(True, doc="CPU, memory and GPU use of the training processes as system/* "
+                                "metrics (needs psutil, and pynvml for GPUs)")
 
 
 @dataclass

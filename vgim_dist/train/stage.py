@@ -39,6 +39,7 @@ class Stage:
                                             weight_decay=o.weight_decay) for m in self.modules]
         self.generators = [stage_generator(cfg.seed, i, self.device) for i in self.module_ids]
         self.step = 0
+        self.autocast = cfg.run.precision == "bf16"
 
     def lr(self, step: int) -> float:
         o = self.cfg.optim
@@ -50,12 +51,15 @@ class Stage:
         Module k trains on module k-1's output computed before k-1's update (the greedy reference order).
         Metrics stay 0-dim tensors so that a GPU stage never waits on a host sync here.
         """
+        if self.device.type == "cuda" and not x.is_cuda:
+            x = x.pin_memory()      # page-locked, so the copy below runs asynchronously
         x = x.to(self.device, non_blocking=True)
         lr = self.lr(self.step)
         metrics: dict[str, torch.Tensor] = {}
         for i, module, opt, gen in zip(self.module_ids, self.modules, self.optimizers, self.generators):
             module.train()
-            out = module(x, gen)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                out = module(x, gen)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             for group in opt.param_groups:
@@ -77,7 +81,8 @@ class Stage:
         for i, module in zip(self.module_ids, self.modules):
             module.eval()
             gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, "eval", i, batch))
-            out = module(x, gen)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                out = module(x, gen)
             metrics[f"module.{i}.nce"], metrics[f"module.{i}.kl"] = out.nce, out.kl
             metrics[f"module.{i}.loss"] = out.loss
             x = out.output
