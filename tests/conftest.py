@@ -1,0 +1,64 @@
+"""Shared fixtures: a real S3 endpoint over HTTP (moto's server) and small synthetic speech corpora."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vgim_dist.data.synth import synth_deboer, synth_librispeech
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """URL of a moto S3 server on 127.0.0.1, with dummy AWS credentials set for the whole session."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not start on {url}") from None
+            time.sleep(0.1)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            mp.setenv(k, v)
+        for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(k, raising=False)
+        yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def librispeech_dir(tmp_path_factory) -> Path:
+    """3 espeak-ng speakers x 6 sentences in the LibriSpeech layout, with CPC-style split files."""
+    root = tmp_path_factory.mktemp("librispeech")
+    synth_librispeech(root, speakers=3, utterances=6, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def deboer_dir(tmp_path_factory) -> Path:
+    """12 words x 2 takes, one voice, in the de Boer layout."""
+    root = tmp_path_factory.mktemp("deboer")
+    synth_deboer(root, words=12, takes=2, seed=0)
+    return root

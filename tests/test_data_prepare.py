@@ -1,0 +1,145 @@
+"""Shards: exact round trip, bad input named in the manifest, resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from vgim_dist.data import cli, prepare as prepare_mod, readers
+from vgim_dist.data.loader import iter_utterances
+from vgim_dist.data.prepare import PrepareError, prepare
+from vgim_dist.data.store import Store
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def test_round_trip_is_exact_and_ordered(librispeech_dir, tmp_path):
+    corpus = readers.librispeech(librispeech_dir)
+    m = prepare(corpus, Store(str(tmp_path / "shards")), shard_size=4, log=_quiet)
+    assert m["utterances"] == 18 and m["corpus"]["split_rule"] == "split files" and not m["skipped"]
+    assert len(m["splits"]["train"]["shards"]) == 4  # 14 train utterances in chunks of 4
+    by_id = {it.id: it for it in corpus.items}
+    for split in ("train", "test"):
+        got = list(iter_utterances(str(tmp_path / "shards"), split, cache_dir=str(tmp_path / "cache")))
+        assert [u.id for u in got] == sorted(it.id for it in corpus.items if it.split == split)
+        for u in got:  # 16-bit 16 kHz sources come back bit for bit
+            ref, _ = sf.read(by_id[u.id].path, dtype="float32")
+            assert u.audio.dtype == np.float32 and np.array_equal(u.audio, ref)
+            assert u.speaker == by_id[u.id].speaker and u.labels == by_id[u.id].labels
+        assert m["splits"][split]["samples"] == sum(len(u.audio) for u in got)
+
+
+def _bad_corpus(root, good_src):
+    """Good clips plus one of every kind of bad input."""
+    good = sorted(good_src.rglob("*.flac"))[:4]
+    for p in good:
+        shutil.copy(p, root / p.name)
+    x, _ = sf.read(good[0], dtype="float32")
+    sf.write(root / "stereo.wav", np.stack([x, 0.5 * x], 1), 16000, subtype="PCM_16")
+    x44 = np.interp(np.arange(round(len(x) * 44100 / 16000)) * 16000 / 44100, np.arange(len(x)), x)
+    sf.write(root / "rate44k.wav", x44, 44100, subtype="PCM_16")
+    (root / "garbage.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEnot really a wave file")
+    (root / "zero_bytes.flac").write_bytes(b"")
+    sf.write(root / "no_frames.wav", np.zeros(0, np.float32), 16000)
+    nan = x.copy()
+    nan[100] = np.nan
+    sf.write(root / "nan.wav", nan, 16000, subtype="FLOAT")
+    inf = x.copy()
+    inf[5] = np.inf
+    sf.write(root / "inf.wav", inf, 16000, subtype="FLOAT")
+    sf.write(root / "tiny.wav", x[:800], 16000, subtype="PCM_16")
+    return [p.stem for p in good]
+
+
+def test_bad_files_are_named_and_good_ones_kept(librispeech_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = _bad_corpus(src, librispeech_dir)
+    m = prepare(readers.folder(src), Store(str(tmp_path / "out")), shard_size=3, min_samples=1600, log=_quiet)
+    reasons = {s["id"]: s["reason"] for s in m["skipped"]}
+    assert sorted(reasons) == ["garbage", "inf", "nan", "no_frames", "tiny", "zero_bytes"]
+    assert reasons["garbage"].startswith("unreadable") and reasons["zero_bytes"].startswith("unreadable")
+    assert reasons["no_frames"].startswith("empty")
+    assert reasons["nan"] == reasons["inf"] == "non-finite samples (NaN or inf)"
+    assert reasons["tiny"] == "too short: 800 samples < 1600"
+    assert m["fixes"] == {"mixed_down": 1, "resampled": 1}
+    kept = {u.id: u for u in iter_utterances(str(tmp_path / "out"), "train", cache_dir=str(tmp_path / "c"))}
+    assert sorted(kept) == sorted(good + ["rate44k", "stereo"])
+    ref, _ = sf.read(sorted(librispeech_dir.rglob("*.flac"))[0], dtype="float32")
+    np.testing.assert_allclose(kept["stereo"].audio, 0.75 * ref, atol=1 / 32768)  # mean of the channels
+    back = kept["rate44k"].audio  # 44.1 kHz -> 16 kHz: the same signal again
+    assert abs(len(back) - len(ref)) <= 1 and np.corrcoef(back[:len(ref)], ref[:len(back)])[0, 1] > 0.95
+
+
+def test_cli_fails_loudly_when_every_file_fails(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.wav").write_bytes(b"junk")
+    (src / "b.flac").write_bytes(b"")
+    assert cli.main(["data", "prepare", str(src), "--format", "folder", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "every file failed (2 skipped" in err and not (tmp_path / "o" / "manifest.json").exists()
+    assert cli.main(["data", "prepare", str(tmp_path / "nowhere"), "--format", "folder",
+                     "--out", str(tmp_path / "o")]) == 2
+
+
+def _rows(uri):
+    return [(t.id, t.speaker, t.labels, t.audio.tobytes()) for split in ("train", "test")
+            for t in iter_utterances(uri, split, cache_dir=uri + "-cache")]
+
+
+def test_interrupted_prepare_resumes_without_loss_or_duplicates(librispeech_dir, tmp_path, monkeypatch):
+    corpus = readers.librispeech(librispeech_dir)
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real = prepare_mod.load_pcm16
+
+    def interrupted_after_8(path):
+        calls["n"] += 1
+        if calls["n"] > 8:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(prepare_mod, "load_pcm16", interrupted_after_8)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, Store(str(out)), shard_size=2, log=_quiet)
+    monkeypatch.setattr(prepare_mod, "load_pcm16", real)
+    # test (3 utterances) goes first: then train shards 0 and 1 are complete, shard 2 half built.
+    done = sorted(p.name for p in out.glob("*.parquet"))
+    assert done == ["test-00000.parquet", "test-00001.parquet", "train-00000.parquet", "train-00001.parquet"]
+    assert not (out / "manifest.json").exists()
+    # A crash mid-write on a store without atomic rename leaves a truncated shard: it must be rebuilt.
+    torn = out / "train-00001.parquet"
+    torn.write_bytes(torn.read_bytes()[:100])
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+
+    log = []
+    m = prepare(corpus, Store(str(out)), shard_size=2, log=log.append)
+    assert sum(line.startswith("kept") for line in log) == 3
+    for name, t in stamps.items():  # finished shards untouched, the torn one rewritten
+        assert ((out / name).stat().st_mtime_ns == t) == (name != torn.name), name
+    pq.read_metadata(torn)
+    ids = [r[0] for r in _rows(str(out))]
+    assert len(ids) == len(set(ids)) == 18 and set(ids) == {it.id for it in corpus.items}
+    assert m["utterances"] == 18
+
+    clean = tmp_path / "clean"
+    prepare(corpus, Store(str(clean)), shard_size=2, log=_quiet)
+    assert _rows(str(out)) == _rows(str(clean))
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((clean / "manifest.json").read_text())
+
+    log.clear()  # a finished run re-run does no work
+    prepare(corpus, Store(str(out)), shard_size=2, log=log.append)
+    assert log and all(line.startswith("kept") for line in log)
+
+
+def test_prepare_with_no_files(tmp_path):
+    with pytest.raises(PrepareError, match="no audio files"):
+        prepare(readers.folder(tmp_path), Store(str(tmp_path / "o")), log=_quiet)

@@ -1,0 +1,100 @@
+"""Synthetic corpora and the corpus readers: layouts, naming, labels, splits."""
+
+from __future__ import annotations
+
+import re
+
+import soundfile as sf
+
+from vgim_dist.data import readers
+from vgim_dist.data.readers import DEBOER_SYLLABLES, DEBOER_WORDS, SYLLABLES
+from vgim_dist.data.synth import voices
+
+
+def test_deboer_layout_and_naming(deboer_dir):
+    words = sorted((deboer_dir / DEBOER_WORDS).glob("*/*.wav"))
+    syls = sorted((deboer_dir / DEBOER_SYLLABLES).glob("*/*.wav"))
+    assert len(words) == 24 and len(syls) == 72
+    assert {p.parent.name for p in words} == {"train", "test"} == {p.parent.name for p in syls}
+    cv = "(?:[bdg][aiu])"
+    assert all(re.fullmatch(f"{cv}{{3}}_[12]", p.stem) for p in words)
+    assert all(re.fullmatch(f"({cv}{{3}})_[12]_([012])_({cv})", p.stem) for p in syls)
+    for p in syls:  # the syllable named is the one at that position of the word
+        word, _, pos, syl = p.stem.split("_")
+        assert word[2 * int(pos):2 * int(pos) + 2] == syl
+    assert {sf.info(p).samplerate for p in words} == {44100}
+    assert {sf.info(p).samplerate for p in syls} == {22050}
+    assert len({sf.info(p).frames for p in syls}) == 1  # zero-padded to equal length
+    assert all(0.5 < sf.info(p).duration < 2.0 for p in words)
+
+
+def test_deboer_reader_labels_and_clean_split(deboer_dir):
+    words = readers.deboer(deboer_dir, level="word")
+    assert len(words.items) == 24 and not words.skipped
+    assert all(it.labels["word"] == it.id.split("_")[0] for it in words.items)
+    word_split = {it.id: it.split for it in words.items}
+
+    original = readers.deboer(deboer_dir, level="syllable", split_rule="original")
+    clean = readers.deboer(deboer_dir, level="syllable", split_rule="clean")
+    assert (original.info["split_rule"], clean.info["split_rule"]) == ("original", "clean")
+    assert [it.id for it in original.items] == [it.id for it in clean.items]
+    for it in clean.items:
+        assert it.labels["syllable"] == it.id[-2:] and it.labels["syllable"] in SYLLABLES
+        assert it.labels["vowel"] == it.id[-1]
+        assert it.split == word_split["_".join(it.id.split("_")[:2])]
+    # The folders' own split leaks test syllables from training words: that is what "clean" repairs.
+    assert any(a.split != b.split for a, b in zip(original.items, clean.items))
+
+
+def test_librispeech_layout_speakers_and_splits(librispeech_dir):
+    corpus = readers.librispeech(librispeech_dir)
+    assert len(corpus.items) == 18 and not corpus.skipped
+    assert corpus.info["split_rule"] == "split files"
+    for it in corpus.items:
+        assert re.fullmatch(r"\d+-\d+-\d{4}", it.id) and it.path.suffix == ".flac"
+        assert it.path.parent.name == it.labels["chapter"] and it.path.parent.parent.name == it.speaker
+        assert re.fullmatch(r"[A-Z ]+", it.labels["text"]) and len(it.labels["text"].split()) >= 5
+        assert sf.info(it.path).samplerate == 16000
+    speakers = {it.speaker for it in corpus.items}
+    assert len(speakers) == 3
+    for split in ("train", "test"):  # the speaker probe needs every speaker on both sides
+        assert {it.speaker for it in corpus.items if it.split == split} == speakers
+
+
+def test_librispeech_phones_and_unsplit_files(librispeech_dir, tmp_path):
+    ids = sorted(it.id for it in readers.librispeech(librispeech_dir).items)
+    (tmp_path / "train_split.txt").write_text("\n".join(ids[:10] + ["999-1-0000"]))
+    (tmp_path / "test_split.txt").write_text("\n".join(ids[10:17]))
+    phones = tmp_path / "phones.txt"
+    phones.write_text(f"{ids[0]} 3 3 7 40\n")
+    corpus = readers.librispeech(librispeech_dir, split_dir=tmp_path, phones=phones)
+    assert len(corpus.items) == 17
+    assert {s["id"]: s["reason"] for s in corpus.skipped} == {
+        ids[17]: "not in any split file", "999-1-0000": "listed in train_split.txt but no audio file"}
+    by_id = {it.id: it for it in corpus.items}
+    assert by_id[ids[0]].labels["phones"] == [3, 3, 7, 40] and "phones" not in by_id[ids[1]].labels
+
+
+def test_folder_reader_with_and_without_csv(librispeech_dir, tmp_path):
+    flacs = sorted(librispeech_dir.rglob("*.flac"))[:3]
+    for i, p in enumerate(flacs):
+        (tmp_path / f"spk{i % 2}").mkdir(exist_ok=True)
+        (tmp_path / f"spk{i % 2}" / p.name).write_bytes(p.read_bytes())
+    plain = readers.folder(tmp_path)
+    assert [it.speaker for it in plain.items] == ["spk0", "spk0", "spk1"]  # sorted by id
+    assert {it.split for it in plain.items} == {"train"}
+
+    csv = tmp_path / "labels.csv"
+    rel = [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*.flac"))]
+    csv.write_text(f"path,speaker,split,emotion\n{rel[0]},alice,test,happy\n{rel[1]},,,sad\nmissing.wav,,,x\n")
+    labelled = readers.folder(tmp_path, labels_csv=csv)
+    assert [(it.speaker, it.split, it.labels) for it in labelled.items] == [
+        ("alice", "test", {"emotion": "happy"}), ("spk0", "train", {"emotion": "sad"})]
+    assert sorted(s["reason"] for s in labelled.skipped) == [
+        "listed in labels.csv but no audio file", "not in labels.csv"]
+
+
+def test_voices_are_distinct():
+    vs = voices(120)
+    assert len({(v.name, v.pitch) for v in vs}) == 120
+    assert vs[0].name == "en-us"  # the single default voice

@@ -1,0 +1,101 @@
+"""``vgim data ...``: synthesise corpora and prepare shards. The main CLI calls `add_data_commands`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vgim_dist.data import readers
+from vgim_dist.data.audio import SAMPLE_RATE
+from vgim_dist.data.prepare import PrepareError, prepare
+from vgim_dist.data.store import Store, StoreError
+from vgim_dist.data.synth import synth_deboer, synth_librispeech
+
+
+def _synth_deboer(a: argparse.Namespace) -> int:
+    counts = synth_deboer(Path(a.out), words=a.words, voices_n=a.voices, takes=a.takes, seed=a.seed,
+                          jitter=not a.no_jitter)
+    print(f"wrote {counts} to {a.out}")
+    return 0
+
+
+def _synth_librispeech(a: argparse.Namespace) -> int:
+    counts = synth_librispeech(Path(a.out), speakers=a.speakers, utterances=a.utterances, seed=a.seed)
+    print(f"wrote {counts} to {a.out}")
+    return 0
+
+
+def _prepare(a: argparse.Namespace) -> int:
+    src = Path(a.src)
+    if not src.is_dir():
+        print(f"error: no corpus folder {src}", file=sys.stderr)
+        return 2
+    if a.format == "librispeech":
+        corpus = readers.librispeech(src, split_dir=a.split_dir and Path(a.split_dir),
+                                     phones=a.phones and Path(a.phones))
+    elif a.format == "deboer":
+        corpus = readers.deboer(src, level=a.level, split_rule=a.syllable_split)
+    else:
+        corpus = readers.folder(src, labels_csv=a.labels and Path(a.labels))
+    corpus.info["source"] = str(src)
+    try:
+        m = prepare(corpus, Store(a.out, a.endpoint_url), shard_size=a.shard_size,
+                    min_samples=max(1, round(a.min_seconds * SAMPLE_RATE)))
+    except (StoreError, PrepareError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    splits = {k: v["utterances"] for k, v in m["splits"].items()}
+    print(json.dumps({"out": a.out, "utterances": splits, "seconds": round(m["seconds"], 1),
+                      "skipped": len(m["skipped"]), "fixes": m["fixes"]}))
+    return 0
+
+
+def add_data_commands(subparsers) -> None:
+    """Register ``data synth deboer``, ``data synth librispeech`` and ``data prepare``."""
+    data = subparsers.add_parser("data", help="synthesise corpora, prepare shards")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    synth = dsub.add_parser("synth", help="synthetic speech corpora from espeak-ng").add_subparsers(
+        dest="corpus", required=True)
+    p = synth.add_parser("deboer", help="CV-CV-CV words in the de Boer layout")
+    p.add_argument("out")
+    p.add_argument("--words", type=int, default=64, help="distinct words (of 729)")
+    p.add_argument("--voices", type=int, default=1)
+    p.add_argument("--takes", type=int, default=2, help="recordings of each word per voice")
+    p.add_argument("--no-jitter", action="store_true", help="same pitch and speed for every take")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth_deboer)
+    p = synth.add_parser("librispeech", help="sentences by distinct voices in the LibriSpeech layout")
+    p.add_argument("out")
+    p.add_argument("--speakers", type=int, required=True)
+    p.add_argument("--utterances", type=int, required=True, help="per speaker")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth_librispeech)
+
+    p = dsub.add_parser("prepare", help="corpus -> int16 16 kHz Parquet shards + manifest.json")
+    p.add_argument("src")
+    p.add_argument("--format", choices=("librispeech", "deboer", "folder"), required=True)
+    p.add_argument("--out", required=True, help="local folder or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--shard-size", type=int, default=256, help="source files per shard")
+    p.add_argument("--min-seconds", type=float, default=0.0, help="skip clips shorter than this")
+    p.add_argument("--split-dir", help="librispeech: folder with <split>_split.txt files (default: SRC)")
+    p.add_argument("--phones", help="librispeech: converted_aligned_phones.txt (default: SRC/...)")
+    p.add_argument("--level", choices=("word", "syllable"), default="word", help="deboer")
+    p.add_argument("--syllable-split", choices=("original", "clean"), default="original",
+                   help="deboer syllables: the corpus folders, or the split of each syllable's word")
+    p.add_argument("--labels", help="folder: CSV with a path column and label columns")
+    p.set_defaults(func=_prepare)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vgim")
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

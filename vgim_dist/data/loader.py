@@ -1,0 +1,167 @@
+"""Reading shards: random crops as a pure function of (seed, step), and full utterances for evaluation.
+
+On open, each shard of a split is unpacked once into an uncompressed Arrow IPC file under the cache
+directory (remote shards are downloaded first) and memory-mapped. The audio column's data buffer is then
+one int16 array per shard, so a crop is a numpy slice plus an int16 -> float32 conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from vgim_dist.data.audio import SCALE
+from vgim_dist.data.config import DataConfig
+from vgim_dist.data.prepare import MANIFEST
+from vgim_dist.data.source import derive_seed
+from vgim_dist.data.store import Store, StoreError
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VGIM_CACHE", Path.home() / ".cache" / "vgim_dist"))
+
+
+def read_manifest(store: Store) -> dict:
+    try:
+        return json.loads(store.read_bytes(MANIFEST))
+    except FileNotFoundError:
+        raise StoreError(f"no {MANIFEST} in {store}: run `vgim data prepare` first") from None
+
+
+@dataclass
+class Utterance:
+    id: str
+    speaker: str
+    labels: dict
+    audio: np.ndarray  # float32 in [-1, 1], 16 kHz
+
+
+class Split:
+    """All utterances of one split, memory-mapped: ``pcm[shard][start[u]:start[u] + length[u]]``."""
+
+    def __init__(self, uri: str, split: str, endpoint_url: str = "", cache_dir: str = ""):
+        store = Store(uri, endpoint_url)
+        self.manifest = read_manifest(store)
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"split {split!r} not in {store}; it has {sorted(self.manifest['splits'])}")
+        key = hashlib.sha256(f"{store.uri}|{store.endpoint}".encode()).hexdigest()[:16]
+        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        cache = cache / "shards" / key
+        cache.mkdir(parents=True, exist_ok=True)
+
+        self.tables: list[pa.Table] = []  # keep the memory maps alive
+        self.pcm: list[np.ndarray] = []
+        shard_of, start, length = [], [], []
+        shards = [s for s in self.manifest["splits"][split]["shards"] if s["utterances"]]
+        for i, shard in enumerate(shards):
+            table = pa.ipc.open_file(pa.memory_map(str(_unpacked(store, shard, cache)))).read_all()
+            audio = table.column("audio").chunk(0)
+            offsets = np.frombuffer(audio.buffers()[1], np.int64)[audio.offset:audio.offset + len(audio) + 1]
+            self.tables.append(table)
+            self.pcm.append(np.frombuffer(audio.buffers()[2], np.int16))
+            shard_of.append(np.full(len(audio), i, np.int32))
+            start.append(offsets[:-1] // 2)
+            length.append(table.column("length").to_numpy())
+        self.shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
+        self.start = np.concatenate(start) if start else np.zeros(0, np.int64)
+        self.length = np.concatenate(length) if length else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.length)
+
+    def pcm16(self, u: int) -> np.ndarray:
+        s = self.start[u]
+        return self.pcm[self.shard_of[u]][s:s + self.length[u]]
+
+
+def _unpacked(store: Store, shard: dict, cache: Path) -> Path:
+    """The shard as an uncompressed Arrow IPC file in the cache (made once; safe under concurrency)."""
+    out = cache / f"{shard['name'].removesuffix('.parquet')}-{shard['fingerprint'][:16]}.arrow"
+    if out.exists():
+        return out
+    src = store.local_path(shard["name"])
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        if src is None:
+            src = Path(tmp) / shard["name"]
+            store.download(shard["name"], src)
+        table = pq.read_table(src).combine_chunks()
+        part = Path(tmp) / out.name
+        with pa.ipc.new_file(str(part), table.schema) as w:
+            w.write_table(table)
+        os.replace(part, out)
+    return out
+
+
+def iter_utterances(uri: str, split: str, endpoint_url: str = "", cache_dir: str = "") -> Iterator[Utterance]:
+    """Every utterance of ``split`` in a fixed order (shard, then id), whole and unshuffled: for evaluation."""
+    s = Split(uri, split, endpoint_url, cache_dir)
+    u = 0
+    for table in s.tables:
+        for id_, speaker, labels in zip(*(table.column(c).to_pylist() for c in ("id", "speaker", "labels"))):
+            yield Utterance(id_, speaker, json.loads(labels), s.pcm16(u).astype(np.float32) / SCALE)
+            u += 1
+
+
+class ShardSource:
+    """Training batches of random crops from shards; ``batch(step)`` depends only on (seed, step).
+
+    Utterances are drawn uniformly (with replacement) and each crop starts at a random multiple of
+    ``grid``. Utterances shorter than a crop are left out (``short=skip``) or zero-padded at the end
+    (``short=pad``). A background thread builds the next ``prefetch`` steps; a caller that jumps to
+    another step simply gets it computed on the spot, with the same values.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.data = Split(cfg.uri, cfg.split, cfg.endpoint_url, cfg.cache_dir)
+        long_enough = self.data.length >= cfg.crop
+        self.eligible = np.arange(len(self.data)) if cfg.short == "pad" else np.flatnonzero(long_enough)
+        self.n_short = int((~long_enough).sum())
+        if len(self.eligible) == 0:
+            raise ValueError(f"no utterance in split {cfg.split!r} of {cfg.uri} is {cfg.crop} samples long; "
+                             f"use data.short=pad or a smaller data.crop")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vgim-prefetch") if cfg.prefetch else None
+        self._ahead: dict[int, Future] = {}
+
+    def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(utterance index, crop offset) of every window in the batch for ``step``."""
+        rng = np.random.default_rng(derive_seed(self.seed, "crops", step))
+        utts = self.eligible[rng.integers(len(self.eligible), size=self.cfg.batch_size)]
+        slots = np.maximum(self.data.length[utts] - self.cfg.crop, 0) // self.cfg.grid + 1
+        return utts, rng.integers(slots) * self.cfg.grid
+
+    def _build(self, step: int) -> torch.Tensor:
+        out = np.zeros((self.cfg.batch_size, self.cfg.crop), np.float32)
+        for row, u, off in zip(out, *self.plan(step)):
+            clip = self.data.pcm16(u)[off:off + self.cfg.crop]
+            row[:len(clip)] = clip
+        out *= 1.0 / SCALE
+        return torch.from_numpy(out).unsqueeze(1)
+
+    def batch(self, step: int) -> torch.Tensor:
+        fut = self._ahead.pop(step, None)
+        out = fut.result() if fut is not None else self._build(step)
+        if self._pool is not None:
+            window = range(step + 1, step + 1 + self.cfg.prefetch)
+            for s in [s for s in self._ahead if s not in window]:  # the caller moved elsewhere
+                self._ahead.pop(s).cancel()
+            for s in window:
+                if s not in self._ahead:
+                    self._ahead[s] = self._pool.submit(self._build, s)
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, {}

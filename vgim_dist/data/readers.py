@@ -1,0 +1,147 @@
+"""Corpus readers: list a corpus's utterances (id, speaker, split, file, labels) without decoding audio.
+
+Every reader returns a `Corpus`; files it cannot place (no split, missing audio, no word for a
+syllable) are listed in ``skipped`` with a reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+SYLLABLES = ("ba", "bi", "bu", "da", "di", "du", "ga", "gi", "gu")  # class order of the syllable probe
+VOWELS = ("a", "i", "u")
+DEBOER_WORDS = "reshuffledv2"
+DEBOER_SYLLABLES = "split up data padded"
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    speaker: str
+    split: str
+    path: Path
+    labels: dict
+
+
+@dataclass
+class Corpus:
+    items: list[Item]
+    skipped: list[dict] = field(default_factory=list)  # {"id", "path", "reason"}
+    info: dict = field(default_factory=dict)  # format and split rule, copied into the manifest
+
+    def skip(self, id_: str, path: Path | str, reason: str) -> None:
+        self.skipped.append({"id": id_, "path": str(path), "reason": reason})
+
+
+def _audio_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+
+
+def librispeech(root: Path, split_dir: Path | None = None, phones: Path | None = None) -> Corpus:
+    """``<spk>/<chapter>/<spk>-<chapter>-<utt>.flac`` under ``root`` (any depth), transcripts as labels.
+
+    Splits come from ``<name>_split.txt`` files (one utterance id per line) in ``split_dir`` (default:
+    ``root``), e.g. the CPC ``train_split.txt`` / ``test_split.txt``; with none, everything is ``train``.
+    Frame labels (``converted_aligned_phones.txt``: id, then one class per 10 ms) go into ``labels["phones"]``.
+    """
+    split_dir = split_dir or root
+    split_of: dict[str, str] = {}
+    for f in sorted(split_dir.glob("*_split.txt")):
+        for line in f.read_text().split():
+            split_of[line] = f.name.removesuffix("_split.txt")
+    phones = phones or (root / "converted_aligned_phones.txt")
+    frame_labels = {}
+    if phones.is_file():
+        for line in phones.read_text().splitlines():
+            if parts := line.split():
+                frame_labels[parts[0]] = [int(v) for v in parts[1:]]
+    text = {}
+    for t in root.rglob("*.trans.txt"):
+        for line in t.read_text().splitlines():
+            uid, _, words = line.partition(" ")
+            text[uid] = words.strip()
+
+    corpus = Corpus([], info={"format": "librispeech", "split_rule": "split files" if split_of else "all train"})
+    found = set()
+    for p in _audio_files(root):
+        uid = p.stem
+        found.add(uid)
+        split = split_of.get(uid, "train" if not split_of else "")
+        if not split:
+            corpus.skip(uid, p, "not in any split file")
+            continue
+        labels = {"chapter": uid.split("-")[1] if uid.count("-") == 2 else "", "text": text.get(uid, "")}
+        if uid in frame_labels:
+            labels["phones"] = frame_labels[uid]
+        corpus.items.append(Item(uid, uid.split("-")[0], split, p, labels))
+    for uid in sorted(set(split_of) - found):
+        corpus.skip(uid, split_dir, f"listed in {split_of[uid]}_split.txt but no audio file")
+    return corpus
+
+
+def deboer(root: Path, level: Literal["word", "syllable"] = "word",
+           split_rule: Literal["original", "clean"] = "original") -> Corpus:
+    """The de Boer layout: words ``reshuffledv2/<split>/<word>_<take>.wav`` and syllables
+    ``split up data padded/<split>/<word>_<take>_<position>_<syllable>.wav``.
+
+    ``split_rule="clean"`` puts each syllable in the split of the word recording it was cut from, so no
+    syllable test clip comes from a recording the encoder trained on; ``original`` keeps the folders.
+    """
+    word_split = {p.stem: p.parent.name for p in _audio_files(root / DEBOER_WORDS)}
+    if level == "word":
+        corpus = Corpus([], info={"format": "deboer", "level": "word", "split_rule": "original"})
+        for p in _audio_files(root / DEBOER_WORDS):
+            word = p.stem.split("_")[0]
+            corpus.items.append(Item(p.stem, "deboer", p.parent.name, p, {"word": word}))
+        return corpus
+    corpus = Corpus([], info={"format": "deboer", "level": "syllable", "split_rule": split_rule})
+    for p in _audio_files(root / DEBOER_SYLLABLES):
+        parts = p.stem.split("_")
+        syllable = p.stem[-2:]
+        if len(parts) != 4 or syllable not in SYLLABLES:
+            corpus.skip(p.stem, p, "name is not <word>_<take>_<position>_<syllable>")
+            continue
+        recording = f"{parts[0]}_{parts[1]}"
+        split = p.parent.name if split_rule == "original" else word_split.get(recording, "")
+        if not split:
+            corpus.skip(p.stem, p, f"clean split: word recording {recording} not in {DEBOER_WORDS}")
+            continue
+        labels = {"syllable": syllable, "vowel": syllable[1], "word": parts[0], "position": int(parts[2])}
+        corpus.items.append(Item(p.stem, "deboer", split, p, labels))
+    return corpus
+
+
+def folder(root: Path, labels_csv: Path | None = None) -> Corpus:
+    """Any WAV/FLAC files under ``root``; id = path without suffix, speaker = parent folder.
+
+    With a CSV (header row; a ``path`` column relative to ``root``, optional ``speaker`` and ``split``,
+    every other column a label), the CSV defines the corpus and files not in it are skipped.
+    """
+    corpus = Corpus([], info={"format": "folder", "split_rule": "csv split column" if labels_csv else "all train"})
+    files = {p.relative_to(root).as_posix(): p for p in _audio_files(root)}
+    if labels_csv is None:
+        rows = [{"path": rel} for rel in files]
+    else:
+        with labels_csv.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and "path" not in rows[0]:
+            raise ValueError(f"{labels_csv}: needs a 'path' column (audio file relative to {root})")
+        listed = {r.get("path", "") for r in rows}
+        for rel in sorted(set(files) - listed):
+            corpus.skip(rel.rsplit(".", 1)[0], files[rel], f"not in {labels_csv.name}")
+    for row in rows:
+        rel = row.pop("path", "")
+        uid = rel.rsplit(".", 1)[0]
+        if rel not in files:
+            corpus.skip(uid, root / rel, f"listed in {labels_csv.name if labels_csv else 'CSV'} but no audio file")
+            continue
+        speaker = row.pop("speaker", "") or (Path(rel).parent.name or "unknown")
+        split = row.pop("split", "") or "train"
+        corpus.items.append(Item(uid, speaker, split, files[rel], row))
+    corpus.items.sort(key=lambda it: it.id)
+    return corpus
+
