@@ -14,6 +14,7 @@ from torch import nn
 from vgim_dist.config import LayerConfig, ModelConfig, ModuleConfig
 from vgim_dist.data.source import derive_seed
 from vgim_dist.model.loss import gaussian_kl, info_nce
+from vgim_dist.parallel.data_parallel import ReplicaGroup
 
 
 def conv_frames(length: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -79,14 +80,24 @@ class GreedyModule(nn.Module):
             return h, None
         return self.mu(h), self.logvar(h)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> ModuleStep:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                replicas: ReplicaGroup | None = None) -> ModuleStep:
+        """Loss terms on batch ``x`` (B, C_in, T); with ``replicas``, x is this replica's rows and the loss
+        terms its share of the whole batch's."""
         mu, logvar = self._latents(x)
         kl = mu.new_zeros(())
         if self.gaussian and self.variational:
             std = torch.exp(0.5 * logvar)
-            c = mu + std * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            z = mu + std * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            kl = gaussian_kl(mu, logvar)
+            rows, batch = slice(None), None
+            if replicas is not None:
+                # Draw the whole batch's noise from the shared generator and keep this replica's rows.
+                sizes = replicas.sizes(mu.shape[0], mu.device)
+                batch, start = sum(sizes), sum(sizes[:replicas.rank])
+                rows = slice(start, start + mu.shape[0])
+            shape = (batch or mu.shape[0], *mu.shape[1:])
+            c = mu + std * torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)[rows]
+            z = mu + std * torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)[rows]
+            kl = gaussian_kl(mu, logvar, batch)
         else:
             c = z = mu
         target = z.transpose(1, 2)                                          # (B, L, D)
@@ -96,7 +107,7 @@ class GreedyModule(nn.Module):
         else:
             context, out = c.transpose(1, 2), z                            # (B, L, C), (B, C, L)
         nce = info_nce(context, target, self.predictor, steps=self.steps, negatives=self.negatives,
-                       window=self.window, generator=generator)
+                       window=self.window, generator=generator, replicas=replicas)
         return ModuleStep(loss=nce + self.kld_weight * kl, nce=nce, kl=kl, output=out.detach())
 
     @torch.no_grad()

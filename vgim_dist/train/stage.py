@@ -7,11 +7,13 @@ stages: a 1-stage reference run and a 4-stage pipeline draw the same noise and t
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from vgim_dist.config import Config
 from vgim_dist.data.source import derive_seed
-from vgim_dist.model import GreedyModule, build_module
+from vgim_dist.model import build_module
+from vgim_dist.parallel.data_parallel import GroupBatchNorm1d, ReplicaGroup
 
 
 def stage_generator(seed: int, module: int, device: torch.device) -> torch.Generator:
@@ -22,6 +24,7 @@ class Stage:
     """Trains modules ``module_ids`` on whatever the previous stage hands it; sends nothing back."""
 
     index: int
+    replicas: ReplicaGroup | None   # data-parallel group of this stage, if replicated
     module_ids: list[int]
     modules: nn.ModuleList          # GreedyModule per id
     optimizers: list[torch.optim.Adam]
@@ -29,11 +32,14 @@ class Stage:
     step: int                       # optimizer steps taken
     device: torch.device
 
-    def __init__(self, cfg: Config, index: int, device: torch.device | str = "cpu"):
-        self.cfg, self.index = cfg, index
+    def __init__(self, cfg: Config, index: int, device: torch.device | str = "cpu",
+                 replicas: ReplicaGroup | None = None):
+        self.cfg, self.index, self.replicas = cfg, index, replicas
         self.module_ids = cfg.stage_modules()[index]
         self.device = torch.device(device)
         self.modules = nn.ModuleList([build_module(cfg.model, i, cfg.seed) for i in self.module_ids]).to(self.device)
+        if replicas is not None:
+            GroupBatchNorm1d.replace_in(self.modules, replicas)
         o = cfg.optim
         self.optimizers = [torch.optim.Adam(m.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                             weight_decay=o.weight_decay) for m in self.modules]
@@ -59,9 +65,11 @@ class Stage:
         for i, module, opt, gen in zip(self.module_ids, self.modules, self.optimizers, self.generators):
             module.train()
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                out = module(x, gen)
+                out = module(x, gen, self.replicas)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
+            if self.replicas is not None:
+                self.replicas.sum_gradients(module)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
@@ -70,6 +78,11 @@ class Stage:
             metrics[f"module.{i}.loss"] = out.loss.detach()
             x = out.output
         self.step += 1
+        if self.replicas is not None:  # each replica holds its share of every loss term: report the sums
+            names = list(metrics)
+            total = torch.stack([metrics[n] for n in names])
+            dist.all_reduce(total, group=self.replicas.group)
+            metrics = dict(zip(names, total.unbind()))
         return x, metrics
 
     @torch.no_grad()

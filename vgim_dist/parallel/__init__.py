@@ -1,0 +1,1 @@
+"""Parallelism inside a stage: data-parallel replicas."""
