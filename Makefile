@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both set up .venv first.
 PY := .venv/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 
 .PHONY: setup demo test bench clean
 

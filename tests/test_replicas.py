@@ -23,36 +23,50 @@ from safetensors.torch import save_file
 from vgim_dist.config import load_config
 from vgim_dist.data.source import NoiseSource
 from vgim_dist.parallel.data_parallel import ReplicaGroup, split_sizes
+from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.stage import Stage
 
-rank, world, init, out, steps = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+rank, world, init, out, steps, resume_at = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+rank, world, steps, resume_at = int(rank), int(world), int(steps), int(resume_at)
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-cfg = load_config("configs/smoke.yaml", sys.argv[6:])
-stage = Stage(cfg, 0, replicas=ReplicaGroup(dist.group.WORLD, rank, world))
+cfg = load_config("configs/smoke.yaml", sys.argv[7:])
+group = ReplicaGroup(dist.group.WORLD, rank, world)
+stage = Stage(cfg, 0, replicas=group)
 source = NoiseSource(cfg.data, cfg.seed)
 outputs = []
 for step in range(steps):
+    if resume_at and step == resume_at:   # checkpoint, then continue in a freshly built stage
+        ckpt = CheckpointManager(out + ".ckpt")
+        ckpt.save_stage(stage, step)
+        dist.barrier()
+        if rank == 0:
+            ckpt.commit(step, stage.module_ids, partitions={i: world for i in stage.module_ids} if stage.zero_partitioned else None)
+        dist.barrier()
+        stage = Stage(cfg, 0, replicas=group)
+        ckpt.load_stage(stage, step)
     x = source.batch(step)
     sizes = split_sizes(x.shape[0], world)
     start = sum(sizes[:rank])
     y, metrics = stage.train_step(x[start:start + sizes[rank]])
     outputs.append(y)
+state = {}
 if rank == 0:
     state = {k: v for pos in range(len(stage.module_ids)) for part in stage.module_state(pos)[:2] for k, v in part.items()}
     state.update({f"metric.{k}": v.reshape(1) for k, v in metrics.items()})
-save_file({**(state if rank == 0 else {}), "output": torch.cat(outputs).contiguous()}, f"{out}.{rank}")
+save_file({**state, "output": torch.cat(outputs).contiguous()}, f"{out}.{rank}")
 dist.destroy_process_group()
 '''
 
 
-def run_replicas(tmp_path: Path, world: int, overrides: list[str], steps: int) -> list[dict]:
+def run_replicas(tmp_path: Path, world: int, overrides: list[str], steps: int, resume_at: int = 0) -> list[dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     init = f"file://{tmp_path / 'rendezvous'}"
     out = tmp_path / "state"
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), init, str(out), str(steps),
-                               *overrides], cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE,
+                               str(resume_at), *overrides], cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE,
                               text=True) for r in range(world)]
     for p in procs:
         _, err = p.communicate(timeout=300)

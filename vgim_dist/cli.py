@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from vgim_dist.config import ConfigError, load_config
@@ -21,6 +22,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vgim_dist.train.run import train  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address  # ray.init() in the pipeline runner joins it
     try:
         summary = train(cfg, resume=args.resume)
     except Interrupted as e:
@@ -69,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a config (reference or pipeline runner)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--address", default="", help="Ray cluster to join with run.runner=pipeline, e.g. "
+                   "127.0.0.1:6379 (default: RAY_ADDRESS, else Ray starts on this machine)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("inspect", help="table of modules: parameters, frames, hop, receptive field")
@@ -89,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_data_commands(sub)
+
+    from vgim_dist.tracking.cli import add_tracking_commands  # noqa: PLC0415
+
+    add_tracking_commands(sub)
+
+    from vgim_dist.eval.cli import add_eval_commands  # noqa: PLC0415
+
+    add_eval_commands(sub)
     return parser
 
 

@@ -77,6 +77,7 @@ class OptimConfig:
     weight_decay: float = _opt(0.0, lo=0.0)
     lr_decay: float = _opt(1.0, lo=0.0, hi=1.0, doc="lr *= lr_decay every decay_every steps")
     decay_every: int = _opt(0, lo=0, doc="steps per decay (an epoch); 0 = constant lr")
+    grad_clip: float = _opt(0.0, lo=0.0, doc="clip each module's gradient norm to this; 0 = no clipping")
 
 
 @dataclass
@@ -91,9 +92,17 @@ class RunConfig:
 
 
 @dataclass
+class StageConfig:
+    engine: Literal["torch", "deepspeed"] = _opt("torch", doc="optimizer engine of every stage")
+    zero: int = _opt(0, lo=0, hi=2, doc="DeepSpeed ZeRO stage across a stage's replicas (engine: deepspeed)")
+
+
+@dataclass
 class PipelineConfig:
     stages: list[list[int]] = _opt(factory=list, doc="module indices per stage; [] = one stage holding all")
     in_flight: int = _opt(2, lo=1, doc="batches a stage may run ahead of its consumer")
+    max_failures: int = _opt(3, lo=-1, doc="worker-group restarts from the last checkpoint; -1 = unlimited")
+    cpus_per_stage: float = _opt(0.0, lo=0.0, doc="CPUs reserved per stage worker; 0 = min(1, CPUs / stages)")
 
 
 @dataclass
@@ -122,6 +131,7 @@ class Config:
     model: ModelConfig = _opt(factory=ModelConfig)
     optim: OptimConfig = _opt(factory=OptimConfig)
     pipeline: PipelineConfig = _opt(factory=PipelineConfig)
+    stage: StageConfig = _opt(factory=StageConfig)
     checkpoint: CheckpointConfig = _opt(factory=CheckpointConfig)
     tracking: TrackingConfig = _opt(factory=TrackingConfig)
 

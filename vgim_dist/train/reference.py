@@ -8,9 +8,11 @@ import signal
 import time
 
 import torch
+import torch.distributed
 
 from vgim_dist.config import Config
 from vgim_dist.data.source import BatchSource, build_source
+from vgim_dist.tracking.logger import StageLogger, stage_metrics
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.metrics import MetricsLog
 from vgim_dist.train.stage import Stage
@@ -28,30 +30,31 @@ class ReferenceRunner:
     source: BatchSource
     checkpoints: CheckpointManager
     metrics: MetricsLog
+    loggers: list[StageLogger]      # one per stage (MLflow child runs); none without tracking
 
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device, loggers: list[StageLogger] | None = None):
         self.cfg = cfg
+        self._own_group = False
+        if cfg.stage.engine == "deepspeed":
+            from vgim_dist.parallel.deepspeed_engine import single_process_group  # noqa: PLC0415
+
+            self._own_group = single_process_group()
         self.stages = [Stage(cfg, s, device) for s in range(len(cfg.stage_modules()))]
         self.source = build_source(cfg.data, cfg.seed)
         self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
         self.metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
+        self.loggers = loggers or []
         self._stop = False
 
     def restore(self, resume: bool) -> int:
         """The step to start from: the latest complete checkpoint with ``resume``, else 0 on an empty run."""
-        latest = self.checkpoints.latest()
-        if latest is None:
-            if resume:
-                log.warning("--resume: no checkpoint under %s, starting at step 0", self.checkpoints.root)
-            return 0
-        if not resume:
-            raise FileExistsError(f"{self.cfg.run.dir} already holds checkpoints (latest step {latest}); "
-                                  "pass --resume to continue it or choose another run.dir")
-        for stage in self.stages:
-            self.checkpoints.load_stage(stage, latest)
-        self.metrics.resume(latest)
-        log.info("resumed from step %d", latest)
-        return latest
+        start = self.checkpoints.start_step(resume)
+        if start:
+            for stage in self.stages:
+                self.checkpoints.load_stage(stage, start)
+            self.metrics.resume(start)
+            log.info("resumed from step %d", start)
+        return start
 
     def save(self, step: int) -> None:
         for stage in self.stages:
@@ -78,7 +81,9 @@ class ReferenceRunner:
                     elapsed = time.perf_counter() - window_t
                     values["windows_per_s"] = window_steps * cfg.data.batch_size / elapsed
                     values["step_time_s"] = elapsed / window_steps
-                    self.metrics.record(step, values)
+                    row = self.metrics.record(step, values)
+                    for stage, logger in zip(self.stages, self.loggers):
+                        logger.log(step, stage_metrics(row, stage.module_ids))
                     window_t, window_steps = time.perf_counter(), 0
                 if every and step % every == 0:
                     self.save(step)
@@ -88,6 +93,10 @@ class ReferenceRunner:
         finally:
             signal.signal(signal.SIGINT, previous)
             self.source.close()
+            for logger in self.loggers:
+                logger.close()
+            if self._own_group:
+                torch.distributed.destroy_process_group()
         if self._stop and step < cfg.run.steps:
             raise Interrupted(f"stopped at step {step}; checkpoint saved, continue with --resume")
         return {"steps": step, "final": self.metrics.rows[-1] if self.metrics.rows else {}}

@@ -11,6 +11,7 @@ import torch
 from vgim_dist.config import Config, dump_config
 from vgim_dist.model import describe
 from vgim_dist.storage import open_dir, write_bytes
+from vgim_dist.tracking import RunTracker, StageLogger
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,18 @@ def train(cfg: Config, resume: bool = False) -> dict:
                  r["params"] / 1e6, r["channels"], r["frames"], r["hop"], r["receptive_field"])
     log.info("total %d trainable parameters", sum(r["params"] for r in rows))
 
-    if cfg.run.runner == "pipeline":
-        from vgim_dist.pipeline.runner import PipelineRunner  # noqa: PLC0415 - Ray only when asked for
+    tracker = RunTracker.start(cfg, resume)
+    with tracker:  # a job that raises ends its MLflow runs FAILED or KILLED instead of leaving them RUNNING
+        if cfg.run.runner == "pipeline":
+            from vgim_dist.pipeline.runner import PipelineRunner  # noqa: PLC0415 - Ray only when asked for
 
-        summary = PipelineRunner(cfg).run(resume)
-    else:
-        from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
+            summary = PipelineRunner(cfg).run(resume)
+        else:
+            from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
 
-        summary = ReferenceRunner(cfg, device).run(resume)
-    summary = {"runner": cfg.run.runner, "stages": cfg.stage_modules(), **summary}
-    write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
+            loggers = [StageLogger(tracker.stage_ref(s)) for s in range(len(cfg.stage_modules()))]
+            summary = ReferenceRunner(cfg, device, loggers).run(resume)
+        summary = {"runner": cfg.run.runner, "stages": cfg.stage_modules(), **summary}
+        write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
+        tracker.finish(summary)
     return summary

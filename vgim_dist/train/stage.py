@@ -28,6 +28,7 @@ class Stage:
     module_ids: list[int]
     modules: nn.ModuleList          # GreedyModule per id
     optimizers: list[torch.optim.Adam]
+    engines: list | None            # DeepSpeed engine per module (stage.engine: deepspeed)
     generators: list[torch.Generator]
     step: int                       # optimizer steps taken
     device: torch.device
@@ -43,9 +44,20 @@ class Stage:
         o = cfg.optim
         self.optimizers = [torch.optim.Adam(m.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                             weight_decay=o.weight_decay) for m in self.modules]
+        self.engines = None
+        if cfg.stage.engine == "deepspeed":
+            from vgim_dist.parallel.deepspeed_engine import build_engines  # noqa: PLC0415 - optional
+
+            self.engines = build_engines(cfg, self.modules, self.optimizers, self.device,
+                                         replicas.group if replicas else None)
         self.generators = [stage_generator(cfg.seed, i, self.device) for i in self.module_ids]
         self.step = 0
         self.autocast = cfg.run.precision == "bf16"
+
+    @property
+    def zero_partitioned(self) -> bool:
+        """Optimizer state split over the replicas (DeepSpeed ZeRO 1/2): each replica saves its own part."""
+        return self.engines is not None and self.cfg.stage.zero > 0
 
     def lr(self, step: int) -> float:
         o = self.cfg.optim
@@ -62,17 +74,14 @@ class Stage:
         x = x.to(self.device, non_blocking=True)
         lr = self.lr(self.step)
         metrics: dict[str, torch.Tensor] = {}
-        for i, module, opt, gen in zip(self.module_ids, self.modules, self.optimizers, self.generators):
+        for pos, (i, module, gen) in enumerate(zip(self.module_ids, self.modules, self.generators)):
             module.train()
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 out = module(x, gen, self.replicas)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if self.replicas is not None:
-                self.replicas.sum_gradients(module)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
+            if self.engines is not None:
+                self._deepspeed_update(self.engines[pos], out.loss, lr)
+            else:
+                self._torch_update(module, self.optimizers[pos], out.loss, lr)
             metrics[f"module.{i}.nce"] = out.nce.detach()
             metrics[f"module.{i}.kl"] = out.kl.detach()
             metrics[f"module.{i}.loss"] = out.loss.detach()
@@ -84,6 +93,25 @@ class Stage:
             dist.all_reduce(total, group=self.replicas.group)
             metrics = dict(zip(names, total.unbind()))
         return x, metrics
+
+    def _torch_update(self, module: nn.Module, opt: torch.optim.Adam, loss: torch.Tensor, lr: float) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.replicas is not None:
+            self.replicas.sum_gradients(module)
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.optim.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+
+    def _deepspeed_update(self, engine, loss: torch.Tensor, lr: float) -> None:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        # DeepSpeed averages gradients over the replicas; each replica's loss is a share of the batch's loss,
+        # whose gradient is the SUM of the shares' gradients.
+        engine.backward(loss * (self.replicas.world if self.replicas else 1))
+        engine.step()
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -115,18 +143,24 @@ class Stage:
         i, module, opt, gen = self.module_ids[pos], self.modules[pos], self.optimizers[pos], self.generators[pos]
         prefix = f"module.{i}."
         weights = {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        names = [n for n, _ in module.named_parameters()]
-        sd = opt.state_dict()
-        train = {f"{prefix}optim.{names[idx]}.{key}": t.detach().cpu().contiguous()
-                 for idx, state in sd["state"].items() for key, t in state.items()}
-        train[prefix + "rng"] = gen.get_state().cpu()
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
-        return weights, train, {"module": i, "step": self.step, "param_groups": groups}
+        train = {prefix + "rng": gen.get_state().cpu()}
+        meta = {"module": i, "step": self.step}
+        if not self.zero_partitioned:  # ZeRO 1/2 moments live in each replica's partition file instead
+            names = [n for n, _ in module.named_parameters()]
+            sd = opt.state_dict()
+            train.update({f"{prefix}optim.{names[idx]}.{key}": t.detach().cpu().contiguous()
+                          for idx, state in sd["state"].items() for key, t in state.items()})
+            meta["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+        return weights, train, meta
 
     def load_module_state(self, pos: int, weights: dict, train: dict, meta: dict) -> None:
         i, module, opt, gen = self.module_ids[pos], self.modules[pos], self.optimizers[pos], self.generators[pos]
         prefix = f"module.{i}."
         module.load_state_dict({k[len(prefix):]: v for k, v in weights.items()}, strict=True)
+        gen.set_state(train[prefix + "rng"])
+        self.step = int(meta["step"])
+        if self.zero_partitioned:
+            return
         names = [n for n, _ in module.named_parameters()]
         state: dict[int, dict] = {}
         for idx, name in enumerate(names):
@@ -138,6 +172,4 @@ class Stage:
         for g in groups:
             g["betas"] = tuple(g["betas"])
         opt.load_state_dict({"state": state, "param_groups": groups})
-        gen.set_state(train[prefix + "rng"])
-        self.step = int(meta["step"])
 

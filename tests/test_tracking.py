@@ -1,0 +1,222 @@
+"""MLflow tracking against a real server, read back through its REST API: a parent run per job with one child
+per stage, every logged step in every child, the config artifact, a registered encoder that gives the
+checkpoint's features; resume into the same runs without duplicate steps; training that survives a store
+that is down; `vgim ui` over the embedded SQLite store."""
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import requests
+import torch
+
+from vgim_dist.config import load_config
+from vgim_dist.model import build_module
+from vgim_dist.tracking import RunTracker, StageLogger, StageRef, stage_metrics
+from vgim_dist.tracking.server import free_port, wait_ready
+from vgim_dist.tracking.tracker import flat_params
+from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.run import train
+
+FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=2", "run.threads=1", "checkpoint.every=2"]
+MODEL = "vgim-test-encoder"
+
+
+def cfg_for(run_dir, *extra):
+    return load_config("configs/smoke.yaml", [*FAST, f"run.dir={run_dir}", "tracking.enabled=true", *extra])
+
+
+def get(url: str, endpoint: str, **params) -> dict:
+    r = requests.get(f"{url}/api/2.0/mlflow/{endpoint}", params=params, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def post(url: str, endpoint: str, body: dict) -> dict:
+    r = requests.post(f"{url}/api/2.0/mlflow/{endpoint}", json=body, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def steps(url: str, run_id: str, key: str) -> list[int]:
+    return [m["step"] for m in get(url, "metrics/get-history", run_id=run_id, metric_key=key)["metrics"]]
+
+
+def children(url: str, parent: dict) -> list[dict]:
+    found = post(url, "runs/search", {"experiment_ids": [parent["info"]["experiment_id"]],
+                                      "filter": f"tags.mlflow.parentRunId = '{parent['info']['run_id']}'"})
+    return sorted(found.get("runs", []), key=lambda r: r["info"]["run_name"])
+
+
+def tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+@pytest.fixture(scope="module")
+def tracked(mlflow_server, tmp_path_factory):
+    """A 4-step smoke run tracked on the server, its encoder registered."""
+    run_dir = tmp_path_factory.mktemp("tracked")
+    cfg = cfg_for(run_dir, "run.steps=4", f"tracking.uri={mlflow_server}", f"tracking.model_name={MODEL}",
+                  "tracking.experiment=test-tracking", "data.endpoint_url=https://bob:hunter2@s3.example")
+    summary = train(cfg)
+    parent = get(mlflow_server, "runs/get", run_id=json.loads((run_dir / "mlflow.json").read_text())["parent_run_id"])
+    return cfg, summary, parent["run"]
+
+
+def test_parent_has_config_environment_and_artifacts(mlflow_server, tracked):
+    cfg, summary, parent = tracked
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert params["model.channels"] == "32" and params["seed"] == "0" and params["run.steps"] == "4"
+    assert params["model.modules.1.layers.0.kernel"] == "4" and params["pipeline.stages"] == "[[0], [1, 2, 3]]"
+    assert "data.endpoint_url" not in params      # a URL with a password is a credential
+    t = tags(parent)
+    assert t["topology.stages"] == "[[0], [1, 2, 3]]" and t["version.torch"] == torch.__version__.split("+")[0]
+    assert parent["info"]["status"] == "FINISHED"
+    files = {f["path"] for f in get(mlflow_server, "artifacts/list", run_id=parent["info"]["run_id"])["files"]}
+    assert {"config.yaml", "summary.json", "curves"} <= files
+    curves = get(mlflow_server, "artifacts/list", run_id=parent["info"]["run_id"], path="curves")["files"]
+    assert sorted(f["path"] for f in curves) == [f"curves/module-{i}.png" for i in range(4)]
+    r = requests.get(f"{mlflow_server}/get-artifact", params={"path": "config.yaml", "run_uuid": parent["info"]["run_id"]},
+                     timeout=30)
+    r.raise_for_status()
+    assert r.text.startswith("seed: 0") and "channels: 32" in r.text
+    metrics = {m["key"]: m for m in parent["data"]["metrics"]}
+    assert metrics["module.3.nce"]["step"] == 4 and metrics["module.3.nce"]["value"] == summary["final"]["module.3.nce"]
+
+
+def test_one_child_per_stage_with_every_logged_step(mlflow_server, tracked):
+    cfg, _, parent = tracked
+    runs = children(mlflow_server, parent)
+    assert [json.loads(tags(r)["vgim.modules"]) for r in runs] == cfg.stage_modules()
+    for run, modules in zip(runs, cfg.stage_modules()):
+        run_id = run["info"]["run_id"]
+        assert run["info"]["status"] == "FINISHED"
+        keys = {m["key"] for m in run["data"]["metrics"]}
+        own = {f"module.{i}.{t}" for i in modules for t in ("nce", "kl", "loss")}
+        assert keys - {"step_time_s", "windows_per_s"} == own      # its own modules, nobody else's
+        for key in [*own, "step_time_s", "windows_per_s"]:
+            assert steps(mlflow_server, run_id, key) == [2, 4], key
+
+
+def test_registered_encoder_gives_the_checkpoint_features(mlflow_server, tracked):
+    cfg, _, _ = tracked
+    version = get(mlflow_server, "registered-models/alias", name=MODEL, alias="latest")["model_version"]
+    mlflow.set_tracking_uri(mlflow_server)
+    encoder = mlflow.pytorch.load_model(f"models:/{MODEL}/{version['version']}")
+    ckpt = CheckpointManager(cfg.run.dir)
+    x = torch.randn(3, 1, cfg.data.crop, generator=torch.Generator().manual_seed(0))
+    h = x
+    for i in range(len(cfg.model.modules)):
+        m = build_module(cfg.model, i, cfg.seed)
+        m.load_state_dict({k.removeprefix(f"module.{i}."): v for k, v in ckpt.load_weights(ckpt.latest(), i).items()})
+        h = m.eval().encode(h)
+    torch.testing.assert_close(encoder(x), h)
+
+
+def test_resume_logs_into_the_same_runs_without_duplicate_steps_and_vgim_ui_shows_it(tmp_path):
+    """Embedded store (tracking.uri ''), then served by `vgim ui`."""
+    train(cfg_for(tmp_path, "run.steps=4"))
+    ids = (tmp_path / "mlflow.json").read_text()
+    with pytest.raises(FileExistsError):
+        train(cfg_for(tmp_path, "run.steps=8"))              # refused without --resume: no new runs
+    assert (tmp_path / "mlflow.json").read_text() == ids
+    train(cfg_for(tmp_path, "run.steps=8"), resume=True)
+    assert (tmp_path / "mlflow.json").read_text() == ids
+    # A stage restarted from an older checkpoint than it had logged (a Ray Train group restart) re-logs
+    # steps; only the new one may reach the run.
+    stage0 = json.loads(ids)["stages"][0]["run_id"]
+    with StageLogger(StageRef(f"sqlite:///{tmp_path}/mlflow.db", stage0, 0, 10, 3, False)) as logger:
+        logger.log(8, {"module.0.nce": 0.0})
+        logger.log(10, {"module.0.nce": 1.0})
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    ui = subprocess.Popen([sys.executable, "-m", "vgim_dist", "ui", str(tmp_path), "--port", str(port)],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        wait_ready(ui, url)
+        assert ui.stdout.readline().startswith(f"MLflow UI at {url}")
+        parent = get(url, "runs/get", run_id=json.loads(ids)["parent_run_id"])["run"]
+        assert {p["key"]: p["value"] for p in parent["data"]["params"]}["run.steps"] == "4"   # params are immutable
+        assert tags(parent)["resume.run.steps"] == "8"
+        runs = children(url, parent)
+        assert len(runs) == 2 and all(r["info"]["status"] == "FINISHED" for r in runs)
+        assert steps(url, stage0, "module.0.nce") == [2, 4, 6, 8, 10]
+        assert steps(url, runs[1]["info"]["run_id"], "module.3.kl") == [2, 4, 6, 8]
+        curves = get(url, "artifacts/list", run_id=parent["info"]["run_id"], path="curves")["files"]
+        assert len(curves) == 4
+    finally:
+        ui.send_signal(signal.SIGINT)      # vgim ui stops its server on Ctrl-C
+        assert ui.wait(timeout=30) == 0
+
+
+def test_a_store_that_is_down_does_not_stop_training(tmp_path, caplog):
+    down = f"http://127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING):
+        summary = train(cfg_for(tmp_path, "run.steps=2", f"tracking.uri={down}"))
+    assert summary["steps"] == 2
+    assert any(f"tracking: cannot use {down}" in r.message for r in caplog.records)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        with StageLogger(StageRef(down, "0" * 32, 1, 1, 2, False)) as logger:
+            logger.log(2, {"module.1.nce": 1.0})
+            logger.log(4, {"module.1.nce": 1.0})
+            assert len(logger.pending) == 2                  # kept for the next flush
+    assert [r.message for r in caplog.records if "stage 1" in r.message][-1].startswith(
+        "tracking: stage 1 lost 2 metric rows (steps 2..4)")
+
+
+def test_rows_kept_through_an_outage_reach_the_run_once(mlflow_server, monkeypatch):
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("test-tracking") or client.get_experiment(client.create_experiment("test-tracking"))
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    logger = StageLogger(StageRef(mlflow_server, run_id, 0, 2, 2, False))
+    send, calls = logger._client.log_batch, []
+
+    def flaky(*args, **kwargs):        # the first flush fails on both tries, as with a locked SQLite file
+        calls.append(1)
+        if len(calls) <= 2:
+            raise requests.ConnectionError("database is locked")
+        return send(*args, **kwargs)
+
+    monkeypatch.setattr(logger._client, "log_batch", flaky)
+    for step in (1, 2, 3, 4):
+        logger.log(step, {"x": float(step)})
+    logger.close()
+    assert steps(mlflow_server, run_id, "x") == [1, 2, 3, 4] and not logger.pending
+
+
+def test_params_drop_credentials_and_fit_mlflow_limits():
+    tree = {"data": {"uri": "s3://bucket/shards", "aws_secret_access_key": "x", "api_token": "y",
+                     "endpoint_url": "http://u:p@host:9000"},
+            "model": {"modules": [{"layers": [{"kernel": 10}]}, {"autoregressor": 256}]},
+            "pipeline": {"stages": [[0], [1]]}, "note": "z" * 7000, "flag": True}
+    p = flat_params(tree)
+    assert p == {"data.uri": "s3://bucket/shards", "model.modules.0.layers.0.kernel": "10",
+                 "model.modules.1.autoregressor": "256", "pipeline.stages": "[[0], [1]]",
+                 "note": "z" * 5997 + "...", "flag": "true"}
+
+
+def test_stage_metrics_split_a_row_by_module():
+    row = {"step": 4, "module.0.nce": 1.0, "module.1.nce": 2.0, "module.12.nce": 3.0, "step_time_s": 0.1}
+    assert stage_metrics(row, [1]) == {"module.1.nce": 2.0, "step_time_s": 0.1}
+    assert stage_metrics(row, [0, 12]) == {"module.0.nce": 1.0, "module.12.nce": 3.0, "step_time_s": 0.1}
+
+
+def test_disabled_tracking_touches_nothing(tmp_path):
+    cfg = load_config("configs/smoke.yaml", [f"run.dir={tmp_path}"])
+    tracker = RunTracker.start(cfg)
+    assert not tracker.enabled and tracker.stage_ref(0) is None
+    logger = StageLogger(None)
+    logger.log(1, {"x": 1.0})
+    logger.close()
+    tracker.finish({})
+    assert list(tmp_path.iterdir()) == []
+    # The reference runner imports the tracking package always; mlflow itself only when tracking is on.
+    probe = "import sys, vgim_dist.train.run; assert 'mlflow' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0

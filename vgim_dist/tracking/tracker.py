@@ -1,0 +1,291 @@
+"""Driver side of tracking: one MLflow parent run per training job, one child run per stage.
+
+The run ids live in ``<run.dir>/mlflow.json``, so ``--resume`` (and a restarted job) logs into the same
+runs. Workers get a `StageRef` per stage and log through `StageLogger`; the driver logs the config, the
+environment, the loss curves and the trained encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import subprocess
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vgim_dist.config import Config, ConfigError, dump_config, to_dict
+from vgim_dist.storage import open_dir, write_bytes
+from vgim_dist.tracking.logger import StageRef, client, start_system_metrics
+from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+_SECRET_KEY = re.compile(r"key|secret|token|passw|credential", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"://[^/@\s]+:[^/@\s]+@")   # scheme://user:password@host
+_MAX_PARAM_LEN = 6000                                   # MLflow's limit on a param value
+_BATCH = 100                                            # MLflow's limit on params (and tags) per log_batch
+_PACKAGES = ("vgim-dist", "torch", "torchaudio", "numpy", "mlflow", "ray", "deepspeed")
+
+
+def embedded_uri(run_dir: str) -> str:
+    """The default store: a SQLite file in the run directory."""
+    return f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if "://" in cfg.run.dir:
+        raise ConfigError(f"tracking.uri: required when run.dir is not a local path ({cfg.run.dir}); "
+                          "point it at a tracking server, e.g. http://mlflow.internal:5000")
+    return embedded_uri(cfg.run.dir)
+
+
+def flat_params(tree: Any, prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: dotted keys (list items of mappings by index, other lists as one
+    JSON value), values cut to MLflow's limit, and nothing that looks like a credential."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    out: dict[str, str] = {}
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) or (isinstance(v, list) and v and all(isinstance(x, dict) for x in v)):
+            out.update(flat_params(v, f"{key}."))
+            continue
+        text = v if isinstance(v, str) else json.dumps(v)
+        if _SECRET_KEY.search(str(k)) or _URL_PASSWORD.search(text):
+            continue
+        out[key] = text if len(text) <= _MAX_PARAM_LEN else text[: _MAX_PARAM_LEN - 3] + "..."
+    return out
+
+
+def environment_tags() -> dict[str, str]:
+    """Git commit of the code that runs, and the versions of the packages that decide the numbers."""
+    tags = {"version.python": platform.python_version()}
+    for p in _PACKAGES:
+        try:
+            tags[f"version.{p}"] = version(p)
+        except PackageNotFoundError:
+            pass
+    try:
+        tags["mlflow.source.git.commit"] = _git("rev-parse", "HEAD")
+        tags["vgim.git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass  # an installed wheel or an image without git: the versions still say what ran
+    return tags
+
+
+def _git(*args: str) -> str:
+    """``git args`` in the checkout this package runs from (not the working directory)."""
+    return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10,
+                          check=True).stdout.strip()
+
+
+def loss_figures(rows: list[dict]) -> dict[int, Any]:
+    """One matplotlib figure per module: InfoNCE and total loss, and KL beside them when it is not all 0."""
+    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: no global backend state
+
+    def curve(i: int, term: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[f"module.{i}.{term}"]) for r in rows if f"module.{i}.{term}" in r]
+        return [s for s, _ in pts], [v for _, v in pts]
+
+    modules = sorted({int(k.split(".")[1]) for r in rows for k in r if k.startswith("module.")})
+    figures = {}
+    for i in modules:
+        kl = curve(i, "kl")
+        fig = Figure(figsize=(9 if any(kl[1]) else 5, 3.5), layout="constrained")
+        axes = fig.subplots(1, 2 if any(kl[1]) else 1, squeeze=False)[0]
+        for term in ("nce", "loss"):
+            axes[0].plot(*curve(i, term), label=term)
+        axes[0].legend()
+        if any(kl[1]):
+            axes[1].plot(*kl, color="tab:green", label="kl")
+            axes[1].legend()
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"module {i}")
+        figures[i] = fig
+    return figures
+
+
+def _log_batch(c: Any, run_id: str, params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+    from mlflow.entities import Param, RunTag  # noqa: PLC0415
+
+    p = [Param(k, v) for k, v in (params or {}).items()]
+    t = [RunTag(k, v) for k, v in (tags or {}).items()]
+    for j in range(0, max(len(p), len(t)), _BATCH):
+        c.log_batch(run_id, params=p[j:j + _BATCH], tags=t[j:j + _BATCH])
+
+
+class RunTracker:
+    """The job's runs. Disabled (every method a no-op) when tracking is off or the store is unreachable."""
+
+    def __init__(self, cfg: Config, uri: str = "", parent_id: str | None = None, stage_ids: list[str] | None = None,
+                 monitor: Any = None):
+        self.cfg, self.uri, self.parent_id = cfg, uri, parent_id
+        self.stage_ids = stage_ids or []
+        self._monitor = monitor
+
+    @property
+    def enabled(self) -> bool:
+        return self.parent_id is not None
+
+    @classmethod
+    def start(cls, cfg: Config, resume: bool = False) -> RunTracker:
+        """Open the job's runs: reuse those in ``<run.dir>/mlflow.json`` with ``resume``, else create them."""
+        if not cfg.tracking.enabled:
+            return cls(cfg)
+        if not resume and CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest() is not None:
+            return cls(cfg)  # the runner refuses this run.dir without --resume: open no runs for it
+        uri = tracking_uri(cfg)
+        try:
+            return cls._open(cfg, uri, resume)
+        except Exception as e:  # noqa: BLE001 - an unreachable store must not stop training
+            log.warning("tracking: cannot use %s (%s); training without MLflow, metrics stay in metrics.jsonl",
+                        uri, e)
+            return cls(cfg)
+
+    @classmethod
+    def _open(cls, cfg: Config, uri: str, resume: bool) -> RunTracker:
+        c = client(uri)
+        fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
+        ids_file = f"{root}/mlflow.json"
+        saved = json.loads(fs.cat_file(ids_file)) if resume and fs.exists(ids_file) else {}
+        if saved.get("tracking_uri") != uri:
+            saved = {}
+        params = flat_params(to_dict(cfg))
+        stages = cfg.stage_modules()
+        tags = {**environment_tags(), "topology.runner": cfg.run.runner, "topology.stages": json.dumps(stages),
+                "topology.device": cfg.run.device, "topology.gpus_visible": str(torch.cuda.device_count())}
+
+        if saved:
+            exp_id, parent = saved["experiment_id"], saved["parent_run_id"]
+            logged = c.get_run(parent).data.params
+            # MLflow params are immutable: a resume that changes the config (say run.steps) records the new
+            # values as tags and keeps the first values as params.
+            tags.update({f"resume.{k}": v for k, v in params.items() if k in logged and logged[k] != v})
+            params = {k: v for k, v in params.items() if k not in logged}
+            c.update_run(parent, status="RUNNING")
+            log.info("tracking: resuming MLflow run %s at %s", parent, uri)
+        else:
+            exp = c.get_experiment_by_name(cfg.tracking.experiment)
+            location = None if cfg.tracking.uri else (Path(cfg.run.dir).resolve() / "mlartifacts").as_uri()
+            exp_id = exp.experiment_id if exp else c.create_experiment(cfg.tracking.experiment, location)
+            parent = c.create_run(exp_id, run_name=Path(cfg.run.dir).name,
+                                  tags={"mlflow.source.name": "vgim train", "vgim.run_dir": cfg.run.dir}).info.run_id
+            log.info("tracking: MLflow run %s at %s", parent, uri)
+        _log_batch(c, parent, params, tags)
+        c.log_text(parent, dump_config(cfg), "config.yaml")
+
+        old = {json.dumps(s["modules"]): s["run_id"] for s in saved.get("stages", [])}
+        stage_ids = []
+        for s, modules in enumerate(stages):
+            run_id = old.get(json.dumps(modules))
+            if run_id:
+                c.update_run(run_id, status="RUNNING")
+            else:
+                run_id = c.create_run(exp_id, run_name=f"stage-{s}", tags={
+                    "mlflow.parentRunId": parent, "vgim.stage": str(s), "vgim.modules": json.dumps(modules)}).info.run_id
+            stage_ids.append(run_id)
+        write_bytes(fs, ids_file, json.dumps({
+            "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
+            "stages": [{"modules": m, "run_id": r} for m, r in zip(stages, stage_ids)]}, indent=1).encode())
+        monitor = start_system_metrics(uri, parent) if cfg.tracking.system_metrics else None
+        return cls(cfg, uri, parent, stage_ids, monitor)
+
+    def stage_ref(self, stage: int) -> StageRef | None:
+        """What stage ``stage``'s worker passes to `StageLogger`; None when tracking is off."""
+        if not self.enabled:
+            return None
+        t = self.cfg.tracking
+        # The reference runner trains every stage in the driver, whose parent run already samples it.
+        own_process = self.cfg.run.runner != "reference"
+        return StageRef(self.uri, self.stage_ids[stage], stage, t.flush_every, t.retries,
+                        t.system_metrics and own_process)
+
+    def finish(self, summary: dict) -> None:
+        """Log loss curves, summary.json and the encoder of the latest checkpoint (registered under
+        tracking.model_name), then end the runs. A failure here is a warning: the run itself is complete."""
+        if not self.enabled:
+            return
+        try:
+            self._finish(summary)
+        except Exception as e:  # noqa: BLE001
+            log.warning("tracking: could not finish MLflow run %s (%s); checkpoints and summary.json are complete",
+                        self.parent_id, e)
+
+    def _finish(self, summary: dict) -> None:
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        cfg, c = self.cfg, client(self.uri)
+        step = CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest()
+        history = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
+        history.resume(step)
+        for i, fig in loss_figures(history.rows).items():
+            c.log_figure(self.parent_id, fig, f"curves/module-{i}.png")
+        c.log_dict(self.parent_id, summary, "summary.json")
+        if final := summary.get("final"):
+            # The last row on the parent too, so that the runs table compares jobs without opening stages.
+            now = int(time.time() * 1000)
+            c.log_batch(self.parent_id, metrics=[Metric(k, v, now, final["step"]) for k, v in final.items()
+                                                 if k != "step"])
+        self._log_encoder(step)
+        self._end("FINISHED")
+
+    def _log_encoder(self, step: int) -> None:
+        import mlflow  # noqa: PLC0415
+        import numpy as np  # noqa: PLC0415
+        from mlflow.models import ModelSignature  # noqa: PLC0415
+        from mlflow.types import Schema, TensorSpec  # noqa: PLC0415
+
+        from vgim_dist.tracking.model import load_encoder  # noqa: PLC0415
+
+        cfg = self.cfg
+        encoder = load_encoder(cfg, step)
+        # A batch of 2: torch.export specialises size-1 dimensions. The window length stays fixed at data.crop
+        # because the export specialises a GRU's sequence length.
+        example = torch.zeros(2, 1, cfg.data.crop)
+        out = encoder(example)
+        f32 = np.dtype(np.float32)
+        signature = ModelSignature(Schema([TensorSpec(f32, (-1, 1, cfg.data.crop))]),
+                                   Schema([TensorSpec(f32, (-1, *out.shape[1:]))]))
+        mlflow.set_tracking_uri(self.uri)  # log_model writes through the fluent API's active run
+        with mlflow.start_run(run_id=self.parent_id):
+            # An exported program needs the torch that exported it, and nothing of ours: naming it spares
+            # MLflow a subprocess that loads the model to guess (6 s on the smoke model).
+            info = mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy(),
+                                            signature=signature, serialization_format="pt2",
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                            registered_model_name=cfg.tracking.model_name or None)
+        if cfg.tracking.model_name:
+            log.info("tracking: registered %s version %s (models:/%s@latest)", cfg.tracking.model_name,
+                     info.registered_model_version, cfg.tracking.model_name)
+
+    def _end(self, status: str) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        c = client(self.uri)
+        for run_id in [*self.stage_ids, self.parent_id]:
+            c.set_terminated(run_id, status)
+
+    def __enter__(self) -> RunTracker:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        """A job that raises leaves its runs KILLED (Ctrl-C: resumable) or FAILED, never RUNNING."""
+        if exc_type is None or not self.enabled:
+            return
+        from vgim_dist.train.reference import Interrupted  # noqa: PLC0415 - train imports tracking
+
+        try:
+            self._end("KILLED" if issubclass(exc_type, (KeyboardInterrupt, Interrupted)) else "FAILED")
+        except Exception as e:  # noqa: BLE001 - the training error is the one to see
+            log.warning("tracking: could not end MLflow run %s (%s)", self.parent_id, e)
