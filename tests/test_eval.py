@@ -1,0 +1,158 @@
+"""Evaluation end to end on a synthetic de Boer corpus and one tiny tracked run shared by every test:
+probes above chance and repeatable, a decoder whose loss falls, plots and a self-contained report, results
+linked to the training run in MLflow, clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from vgim_dist.cli import main
+from vgim_dist.config import load_config
+from vgim_dist.data.cli import main as data_main
+from vgim_dist.data.synth import synth_deboer
+from vgim_dist.eval.decoder import decoder_run
+from vgim_dist.eval.features import load_run
+from vgim_dist.eval.probes import ProbeSettings, probe_run
+from vgim_dist.eval.report import build_report
+from vgim_dist.train.run import train
+
+FAST_PROBE = ProbeSettings(standardize=True)  # SPEC 6 epochs; z-scored: a 12-step encoder's features barely vary
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory) -> dict:
+    """24 words x 2 takes (144 syllables), word and clean-split syllable shards, a 12-step tracked smoke run."""
+    root = tmp_path_factory.mktemp("eval")
+    corpus = root / "corpus"
+    synth_deboer(corpus, words=24, takes=2, seed=1)
+    words, syllables = str(root / "words"), str(root / "syllables")
+    assert data_main(["data", "prepare", str(corpus), "--format", "deboer", "--out", words]) == 0
+    assert data_main(["data", "prepare", str(corpus), "--format", "deboer", "--level", "syllable",
+                      "--syllable-split", "clean", "--out", syllables]) == 0
+    run = str(root / "run")
+    train(load_config("configs/smoke.yaml", [
+        f"run.dir={run}", f"data.uri={words}", "data.crop=5120", "data.batch_size=4", "run.steps=12",
+        "run.log_every=2", "run.threads=1", "checkpoint.every=0", "tracking.enabled=true",
+        "tracking.system_metrics=false"]))
+    return {"run": run, "words": words, "syllables": syllables}
+
+
+def _without_timing(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "seconds"}
+
+
+def test_probes_land_above_chance_and_repeat_exactly(setup):
+    run, data = setup["run"], setup["syllables"]
+    for task in ("vowels", "syllables"):
+        r = probe_run(run, task, data, repeats=2, settings=FAST_PROBE, track=False)
+        assert r["split_rule"] == "deboer/syllable/clean" and r["features"] == "mean"
+        for m, e in r["modules"].items():
+            assert e["n_test"] > 10 and len(e["accuracy"]["values"]) == 2
+            assert e["accuracy"]["mean"] > e["chance_uniform"] + 0.2, (task, m, e["accuracy"])
+        assert Path(run, "eval", f"probe-{task}-standardized.json").is_file()
+    # Sampled features too: the same seed gives the same draws, probes and accuracies.
+    a = probe_run(run, "vowels", data, modules=[1], mode="sample", few_labels=True, settings=FAST_PROBE, track=False)
+    b = probe_run(run, "vowels", data, modules=[1], mode="sample", few_labels=True, settings=FAST_PROBE, track=False)
+    assert _without_timing(a) == _without_timing(b)
+    assert list(a["modules"]["1"]["few_labels"])[:3] == ["1", "2", "4"]
+    c = probe_run(run, "vowels", data, modules=[1], mode="sample", seed=1, settings=FAST_PROBE, track=False)
+    assert c["modules"]["1"]["weight"] != a["modules"]["1"]["weight"]
+
+
+def test_encoder_is_frozen_in_eval_mode_and_checkpoint_untouched(setup):
+    run = load_run(setup["run"])
+    assert all(not m.training for m in run.modules)
+    assert all(not p.requires_grad for m in run.modules for p in m.parameters())
+    before = {(i, k): v.clone() for i, m in enumerate(run.modules) for k, v in m.state_dict().items()}
+    decoder_run(setup["run"], 0, "mse", steps=2, batch_size=2, examples=1, draws=1, track=False)
+    after = load_run(setup["run"])
+    assert all(torch.equal(before[i, k], v) for i, m in enumerate(after.modules) for k, v in m.state_dict().items())
+
+
+def test_decoder_loss_falls_and_writes_audio(setup):
+    r = decoder_run(setup["run"], 1, "mse+mel", steps=30, batch_size=4, examples=2, draws=2, track=False)
+    losses = [p["loss"] for p in r["curve"]]
+    assert losses[-1] < 0.8 * losses[0], losses
+    out = Path(setup["run"], "eval", "decoder-m1-mse+mel")
+    for e in r["examples"]:
+        assert (out / e["original"]).is_file() and (out / e["reconstruction"]).is_file()
+    assert all((out / p).is_file() for p in r["prior"])
+    assert r["interpolation"]["0"] == pytest.approx(1.0) and r["interpolation"]["32"] == pytest.approx(0.0)
+
+
+def test_report_is_self_contained_and_logged_to_mlflow(setup):
+    run = setup["run"]
+    assert main(["eval", "probe", run, "--task", "vowels", "--data", setup["syllables"], "--epochs", "5",
+                 "--standardize"]) == 0
+    decoder_run(run, 1, "mse", steps=4, batch_size=2, examples=1, draws=1, track=False)
+    out = build_report([run], tsne=True)
+    html = out.read_text()
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert sources and all(s.startswith(("data:image/png;base64,", "data:audio/wav;base64,")) for s in sources)
+    assert "href=" not in html  # nothing outside the file
+    plots = Path(run, "eval", "plots")
+    for name in ("tsne.png", "histograms-module-0.png", "loss-module-0.png", "probe-vowels-standardized-weights-module-1.png",
+                 "decoder-m1-mse-spectrograms.png"):
+        assert (plots / name).stat().st_size > 1000, name
+    assert "| V-GIM | 1 |" in out.with_suffix(".md").read_text()
+
+    from mlflow import MlflowClient  # noqa: PLC0415
+
+    ids = json.loads(Path(run, "mlflow.json").read_text())
+    c = MlflowClient(ids["tracking_uri"])
+    evals = c.search_runs([ids["experiment_id"]], f"tags.vgim.evaluates = '{ids['parent_run_id']}'")
+    by_name = {r.info.run_name: r for r in evals}
+    assert {"probe-vowels-standardized", "report"} <= set(by_name)
+    probe = by_name["probe-vowels-standardized"]
+    assert probe.data.tags["mlflow.parentRunId"] == ids["parent_run_id"]
+    assert "probe-vowels-standardized.m0.accuracy_mean" in probe.data.metrics
+    assert [a.path for a in c.list_artifacts(by_name["report"].info.run_id)] == ["report.html", "report.md"]
+
+
+def test_bad_input_names_the_file_or_key(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        load_run(str(tmp_path))
+    with pytest.raises(ValueError, match="'syllable' label.*--level syllable"):
+        probe_run(setup["run"], "syllables", setup["words"], settings=FAST_PROBE, track=False)
+    with pytest.raises(ValueError, match="module 7 does not exist"):
+        probe_run(setup["run"], "vowels", setup["syllables"], modules=[7], track=False)
+    with pytest.raises(ValueError, match="decoder loss 'l1'"):
+        decoder_run(setup["run"], 0, "l1", track=False)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint for step 3"):
+        load_run(setup["run"], step=3)
+
+
+def test_speaker_and_phone_probes_on_librispeech_layout(setup, librispeech_dir, tmp_path):
+    """Speakers per utterance; phones per 10 ms frame of the GRU module, labels from an alignment file
+    (here loud vs quiet frames, which the synthetic corpus does not have otherwise)."""
+    import shutil  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    import soundfile as sf  # noqa: PLC0415
+
+    corpus = tmp_path / "libri"
+    shutil.copytree(librispeech_dir, corpus)
+    lines = []
+    for f in sorted(corpus.rglob("*.flac")):
+        x, _ = sf.read(f, dtype="float32")
+        energy = np.square(x[: len(x) // 160 * 160]).reshape(-1, 160).mean(axis=1)
+        lines.append(" ".join([f.stem, *map(str, (energy > np.median(energy)).astype(int))]))
+    (corpus / "converted_aligned_phones.txt").write_text("\n".join(lines) + "\n")
+    shards = str(tmp_path / "shards")
+    assert data_main(["data", "prepare", str(corpus), "--format", "librispeech", "--out", shards]) == 0
+
+    speakers = probe_run(setup["run"], "speakers", shards, modules=[0], settings=FAST_PROBE, track=False)
+    assert speakers["classes"] == ["100", "101", "102"]
+    assert speakers["modules"]["0"]["accuracy"]["mean"] > 1 / 3
+    phones = probe_run(setup["run"], "phones", shards, settings=ProbeSettings(epochs=5, lr=1e-3, standardize=True),
+                       track=False)
+    assert list(phones["modules"]) == ["3"] and len(phones["classes"]) == 41
+    e = phones["modules"]["3"]
+    assert e["n_test"] > 500 and e["accuracy"]["mean"] > e["chance_majority"]
+    with pytest.raises(ValueError, match="module 1 has a 80-sample hop"):
+        probe_run(setup["run"], "phones", shards, modules=[1], track=False)

@@ -1,0 +1,114 @@
+"""``vgim eval probe``, ``vgim eval decoder`` and ``vgim report``. The main CLI calls `add_eval_commands`."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+from vgim_dist.data.store import StoreError
+from vgim_dist.eval.decoder import LOSSES
+from vgim_dist.eval.probes import TASKS, ProbeSettings
+
+
+def _user_errors(fn):
+    """Bad input (a missing run or checkpoint, wrong shards, an unknown module) as one line and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(a: argparse.Namespace) -> int:
+        try:
+            return fn(a)
+        except (FileNotFoundError, ValueError, StoreError) as e:
+            print(f"vgim {a.command}: {e}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+@_user_errors
+def _probe(a: argparse.Namespace) -> int:
+    from vgim_dist.eval.probes import probe_run  # noqa: PLC0415
+
+    settings = ProbeSettings(epochs=a.epochs, lr=a.lr or (1e-4 if a.task == "phones" else 1e-3),
+                             batch_size=a.batch_size, standardize=a.standardize)
+    result = probe_run(a.run, a.task, a.data, modules=None if a.module is None else [a.module], repeats=a.repeats,
+                       mode=a.features, settings=settings, few_labels=a.few_labels, seed=a.seed, step=a.step,
+                       train_split=a.train_split, test_split=a.test_split, track=not a.no_mlflow)
+    print(json.dumps({"task": a.task, "run": a.run, "accuracy": {
+        m: round(e["accuracy"]["mean"], 4) for m, e in result["modules"].items()}}))
+    return 0
+
+
+@_user_errors
+def _decoder(a: argparse.Namespace) -> int:
+    from vgim_dist.eval.decoder import decoder_run  # noqa: PLC0415
+
+    r = decoder_run(a.run, a.module, a.loss, data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                    mode=a.features, examples=a.examples, draws=a.draws, seed=a.seed, step=a.step,
+                    test_split=a.test_split, track=not a.no_mlflow)
+    print(json.dumps({"run": a.run, "module": a.module, "loss": a.loss, "train_loss": r["curve"][-1]["loss"],
+                      "test_loss": r["test_loss"]}))
+    return 0
+
+
+@_user_errors
+def _report(a: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from vgim_dist.eval.report import build_report  # noqa: PLC0415
+
+    print(build_report(a.runs, Path(a.out) if a.out else None, tsne=not a.no_tsne, track=not a.no_mlflow))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory written by `vgim train` (config.yaml + checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
+    p.add_argument("--features", choices=("mean", "sample"), default="mean",
+                   help="Gaussian modules: mu, or one seeded draw from N(mu, sigma^2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--no-mlflow", action="store_true", help="write the JSON results only")
+
+
+def add_eval_commands(subparsers) -> None:
+    """Register ``eval probe``, ``eval decoder`` and ``report``."""
+    ev = subparsers.add_parser("eval", help="probes and decoders on a trained run's frozen encoder")
+    esub = ev.add_subparsers(dest="eval_command", required=True)
+
+    p = esub.add_parser("probe", help="linear probes on time-averaged (phones: per-frame) frozen features")
+    _common(p)
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--data", required=True, help="shards with the task's labels, e.g. de Boer syllable shards "
+                   "(vgim data prepare --format deboer --level syllable --syllable-split clean)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--module", type=int, default=None, help="one module")
+    which.add_argument("--all", action="store_true", help="every module (the default; phones: every GRU module)")
+    p.add_argument("--repeats", type=int, default=1, help="probes per module with different seeds: mean and std")
+    p.add_argument("--few-labels", action="store_true", help="also the curve for 1, 2, 4, ... 128 labels per class")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=0.0, help="default: 1e-3, phones 1e-4")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--standardize", action="store_true",
+                   help="z-score each feature channel with train-split statistics (SPEC 6 probes raw features)")
+    p.add_argument("--train-split", default="train")
+    p.set_defaults(func=_probe)
+
+    p = esub.add_parser("decoder", help="train a decoder for one module; reconstructions, N(0, I) decodes")
+    _common(p)
+    p.add_argument("--module", type=int, required=True)
+    p.add_argument("--loss", choices=LOSSES, default="mse")
+    p.add_argument("--data", default="", help="shards to train and test on (default: the run's data.uri)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--examples", type=int, default=4, help="test clips written as original + reconstruction WAV")
+    p.add_argument("--draws", type=int, default=4, help="decodes of N(0, I) draws written as WAV")
+    p.set_defaults(func=_decoder)
+
+    p = subparsers.add_parser("report", help="one self-contained HTML page comparing runs' evaluations")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", default="", help="HTML path (default: RUN/eval/report.html for one run, else "
+                   "report.html in the runs' common folder)")
+    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plots (the slowest part)")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.set_defaults(func=_report)
