@@ -38,7 +38,8 @@ class MetricsLog:
 
 
 def progress_line(row: dict, total: int) -> str:
-    """``step 40/60 | M0 nce 3.102 kl 0.081 | M1 nce 2.911 | 125.3 win/s`` (plus per-stage waits if known)."""
+    """``step 40/60 | M0 nce 3.102 kl 0.081 | M1 nce 2.911 | 125.3 win/s`` (plus, from the pipeline, each
+    stage's share of time waiting for input and for its consumer: ``S0 wait in 1% out 35%``)."""
     modules = sorted({int(k.split(".")[1]) for k in row if k.startswith("module.")})
     parts = [f"step {row['step']}/{total}"]
     for i in modules:
@@ -48,7 +49,8 @@ def progress_line(row: dict, total: int) -> str:
         parts.append(s)
     if "windows_per_s" in row:
         parts.append(f"{row['windows_per_s']:.1f} win/s")
-    waits = sorted(k for k in row if k.endswith(".wait_input_frac"))
-    if waits:
-        parts.append(" ".join(f"S{k.split('.')[1]} wait {row[k]:.0%}" for k in waits))
+    stages = sorted({int(k.split(".")[1]) for k in row if k.endswith(".wait_input_frac")})
+    if stages:
+        parts.append(" ".join(f"S{s} wait in {row[f'stage.{s}.wait_input_frac']:.0%} "
+                              f"out {row.get(f'stage.{s}.wait_consumer_frac', 0):.0%}" for s in stages))
     return " | ".join(parts)

@@ -28,7 +28,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     """Train ``cfg`` to ``run.steps`` and return the run summary (also ``<run.dir>/summary.json``)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    device = resolve_device(cfg.run.device)
+    # A pipeline trains on its workers' devices (a cluster's head may have no GPU); the reference trains here.
+    device = resolve_device(cfg.run.device) if cfg.run.runner == "reference" else cfg.run.device
     fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
     write_bytes(fs, f"{root}/config.yaml", dump_config(cfg).encode())
 
@@ -52,7 +53,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if cfg.run.runner == "pipeline":
             from vgim_dist.pipeline.runner import PipelineRunner  # noqa: PLC0415 - Ray only when asked for
 
-            summary = PipelineRunner(cfg).run(resume)
+            refs = [tracker.stage_ref(s) for s in range(len(cfg.stage_modules()))]
+            summary = PipelineRunner(cfg, refs).run(resume)
         else:
             from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
 

@@ -1,0 +1,211 @@
+"""The pipeline runner on a local Ray head: bitwise equal to the reference runner with 2 and 4 stages (run.dir
+local and on S3), recovery from a SIGKILLed stage worker, Ctrl-C then --resume, and `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from ray.job_submission import JobStatus, JobSubmissionClient
+from safetensors.torch import load
+
+from test_train import FAST, assert_bitwise_equal
+from vgim_dist.config import load_config
+from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.run import train
+
+BIN = Path(sys.executable).parent
+PIPELINE = [*FAST, "run.runner=pipeline", "checkpoint.every=10"]
+pytestmark = pytest.mark.timeout(300)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Head:
+    address: str        # GCS, for ray.init and `vgim train --address`
+    dashboard: str      # HTTP, for `ray job submit`
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory, s3_endpoint):
+    """A one-node Ray cluster on 127.0.0.1 (`ray start --head --block`), stopped at the end of the session with
+    every process it started. It inherits the S3 test credentials, so its workers can write s3:// runs."""
+    temp = tmp_path_factory.mktemp("ray")
+    gcs, dashboard = _free_port(), _free_port()
+    # Ray Train's controller collects reports, and so releases a checkpointing worker, once per health check
+    # (2 s by default): poll faster so that checkpoints every few steps do not dominate these short runs.
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [BIN / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+         "--num-cpus=2", f"--temp-dir={temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("ray start --head did not come up") from None
+            time.sleep(0.2)
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
+            mp.setenv(k, env[k])
+        yield Head(f"127.0.0.1:{gcs}", url, env)
+    proc.terminate()
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while (left := _ray_processes(temp)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"Ray processes left behind: {left}"
+
+
+def _ray_processes(temp: Path) -> list[str]:
+    """Command lines of live processes that belong to the Ray session under ``temp``."""
+    found = []
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = p.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(temp) in cmd:
+            found.append(cmd[:200])
+    return found
+
+
+@pytest.fixture
+def on_head(ray_head, monkeypatch):
+    """In-process pipeline runs join the session's head instead of starting Ray."""
+    monkeypatch.setenv("RAY_ADDRESS", ray_head.address)
+    return ray_head
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Reference-runner checkpoints of the smoke config, keyed by steps."""
+    def run(steps: int) -> dict[str, torch.Tensor]:
+        run_dir = tmp_path_factory.getbasetemp() / f"reference-{steps}"
+        if not run_dir.exists():
+            train(load_config("configs/smoke.yaml", [*FAST, f"run.dir={run_dir}", f"run.steps={steps}"]))
+        return stored_state(str(run_dir))
+    return run
+
+
+def stored_state(run_dir: str, endpoint: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a run's latest checkpoint (local or s3://): weights, buffers, optimizer, RNG."""
+    ckpt = CheckpointManager(run_dir, endpoint_url=endpoint)
+    files = ckpt.fs.glob(f"{ckpt.step_dir(ckpt.latest())}/*.safetensors")
+    assert files
+    return {k: v for f in sorted(files) for k, v in load(ckpt.fs.cat_file(f)).items()}
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli(head: Head, run_dir: Path, *args: str) -> list[str]:
+    sets = [a for s in [*PIPELINE, f"run.dir={run_dir}"] for a in ("--set", s)]
+    return [str(BIN / "vgim"), "train", "configs/smoke.yaml", *sets, "--address", head.address, *args]
+
+
+def test_two_stages_equal_the_reference(on_head, reference, tmp_path):
+    summary = train(load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path}", "run.steps=20",
+                                                       "pipeline.stages=[[0],[1,2,3]]"]))
+    assert_bitwise_equal(stored_state(str(tmp_path)), reference(20))
+    assert summary["steps"] == 20 and len(summary["stage_stats"]) == 2
+    assert logged_steps(tmp_path) == list(range(2, 21, 2))
+    row = json.loads((tmp_path / "summary.json").read_text())["final"]
+    for key in ("module.3.nce", "stage.0.wait_consumer_frac", "stage.1.wait_input_frac", "stage.0.in_flight",
+                "stage.1.step_time_s", "windows_per_s"):
+        assert key in row
+    assert 0 < row["stage.0.in_flight"] <= 2
+
+
+def test_four_stages_on_s3_equal_the_reference(on_head, reference, s3_endpoint):
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir("pipeline-runs")
+    run_dir = "s3://pipeline-runs/four"
+    train(load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={run_dir}", "run.steps=20",
+                                             f"data.endpoint_url={s3_endpoint}",
+                                             "pipeline.stages=[[0],[1],[2],[3]]"]))
+    assert CheckpointManager(run_dir, endpoint_url=s3_endpoint).steps() == [10, 20]
+    assert_bitwise_equal(stored_state(run_dir, s3_endpoint), reference(20))
+
+
+def test_killed_stage_worker_restarts_from_the_last_checkpoint(ray_head, reference, tmp_path):
+    proc = subprocess.Popen(cli(ray_head, tmp_path, "--set", "run.steps=120", "--set", "run.log_every=10"),
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = CheckpointManager(str(tmp_path))
+    deadline = time.monotonic() + 120
+    while not (ckpt.steps() and ckpt.steps()[-1] >= 20):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 20"
+        time.sleep(0.05)
+    victim = json.loads((tmp_path / "workers" / "stage-1.json").read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    workers = [json.loads((tmp_path / "workers" / f"stage-{s}.json").read_text()) for s in (0, 1)]
+    assert workers[1]["pid"] != victim
+    assert workers[0]["start"] == workers[1]["start"] >= 20      # every rank resumed from the same checkpoint
+    assert_bitwise_equal(stored_state(str(tmp_path)), reference(120))
+    assert logged_steps(tmp_path) == list(range(10, 121, 10))
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(ray_head, reference, tmp_path):
+    # No periodic checkpoints: the one found afterwards is the one Ctrl-C made.
+    proc = subprocess.Popen(cli(ray_head, tmp_path, "--set", "run.steps=100000", "--set", "checkpoint.every=0"),
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "workers" / "stage-1.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = CheckpointManager(str(tmp_path)).latest()
+    assert step and f"stopped at step {step}" in err
+    resumed = subprocess.run(cli(ray_head, tmp_path, "--set", f"run.steps={step + 4}", "--resume"),
+                             capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal(stored_state(str(tmp_path)), reference(step + 4))
+    steps = logged_steps(tmp_path)
+    assert steps == sorted(set(steps)) and steps[-1] == step + 4
+
+
+def test_ray_job_submit(ray_head, tmp_path):
+    job = f"vgim-smoke-{os.getpid()}"
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.dashboard}
+    submitted = subprocess.run(
+        ["bash", "cluster/submit.sh", f"--submission-id={job}", "--", "configs/smoke.yaml",
+         *[a for s in [*PIPELINE, f"run.dir={tmp_path}", "run.steps=10"] for a in ("--set", s)]],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert JobSubmissionClient(ray_head.dashboard).get_job_status(job) == JobStatus.SUCCEEDED
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["runner"] == "pipeline" and summary["steps"] == 10
+    assert CheckpointManager(str(tmp_path)).steps() == [10]

@@ -1,0 +1,191 @@
+"""The training loop of one pipeline stage, run by each Ray Train worker (world rank = stage index).
+
+Stage 0 reads batches itself; every other stage trains on what its producer streams to it. Each stage takes
+exactly the reference runner's steps on exactly the reference runner's inputs, so a CPU run ends bitwise
+equal to it. Every ``checkpoint.every`` steps all stages save the same step; rank 0 commits once all have
+written and reports it to Ray Train. A group that Ray Train restarts after a failure resumes, every rank
+alike, from the newest committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from vgim_dist.config import Config
+from vgim_dist.data.source import build_source
+from vgim_dist.pipeline.transport import Receiver, Sender
+from vgim_dist.storage import open_dir, write_bytes
+from vgim_dist.tracking import StageLogger, StageRef
+from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.metrics import MetricsLog
+from vgim_dist.train.stage import Stage
+
+STAGE_STATS = ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")
+STEP_FILE = "step.json"     # the whole of the checkpoint reported to Ray Train; the state is in run.dir
+
+
+def metric_names(cfg: Config, stage: int) -> list[str]:
+    """The metrics stage ``stage`` appends to the vector it forwards: its modules' losses, then its stats."""
+    losses = [f"module.{i}.{k}" for i in cfg.stage_modules()[stage] for k in ("nce", "kl", "loss")]
+    return losses + [f"stage.{stage}.{k}" for k in STAGE_STATS]
+
+
+class Batches:
+    """Stage 0's input: the data source's batches, until ``run.steps`` or until the driver asks to stop."""
+
+    def __init__(self, cfg: Config, start: int, stop: ray.ObjectRef, device: torch.device):
+        self.cfg, self.start, self.stop = cfg, start, stop
+        self.none = torch.empty(0, dtype=torch.float64, device=device)
+        self.wait_s = 0.0       # reading data: stage 0's wait for input
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        source = build_source(self.cfg.data, self.cfg.seed)
+        try:
+            for step in range(self.start, self.cfg.run.steps):
+                # Only stage 0 decides to stop; the others stop where its stream ends, so all stop together.
+                if ray.wait([self.stop], timeout=0)[0]:
+                    return
+                t0 = time.perf_counter()
+                x = source.batch(step)
+                self.wait_s += time.perf_counter() - t0
+                yield x, self.none
+        finally:
+            source.close()
+
+
+class Window:
+    """Where a stage's time went since the last logged step."""
+
+    def __init__(self, inputs: Batches | Receiver, output: Sender | None):
+        self.inputs, self.output = inputs, output
+        self.reset()
+
+    def _counters(self) -> tuple[float, float, int]:
+        out = self.output
+        return self.inputs.wait_s, out.wait_s if out else 0.0, out.depth_sum if out else 0
+
+    def reset(self) -> None:
+        self.t0, self.steps, self.start = time.perf_counter(), 0, self._counters()
+
+    def take(self) -> list[float]:
+        """The values of STAGE_STATS over the window; starts the next one."""
+        elapsed = time.perf_counter() - self.t0
+        wait_in, wait_out, depth = (now - then for now, then in zip(self._counters(), self.start))
+        stats = [wait_in / elapsed, wait_out / elapsed, elapsed / self.steps, depth / self.steps]
+        self.reset()
+        return stats
+
+
+class StageWorker:
+    """One stage inside its Ray Train worker: its modules, its links to the neighbours, its loop."""
+
+    def __init__(self, cfg: Config, stop: ray.ObjectRef, stage_refs: list[StageRef | None]):
+        ctx = ray.train.get_context()
+        self.cfg, self.rank, self.last = cfg, ctx.get_world_rank(), ctx.get_world_size() - 1
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = ray.train.torch.get_device()
+        self.stage = Stage(cfg, self.rank, self.device)
+        self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
+        # Flow control, checkpoint barriers and the resume step travel on gloo whatever carries activations.
+        self.control = dist.new_group(backend="gloo")
+        self.start = self._restore()
+        self._announce()
+
+        upstream = sum(len(metric_names(cfg, s)) for s in range(self.rank))
+        self.inputs = (Batches(cfg, self.start, stop, self.device) if self.rank == 0
+                       else Receiver(self.rank - 1, upstream, self.device, self.control))
+        self.output = Sender(self.rank + 1, cfg.pipeline.in_flight, self.control) if self.rank < self.last else None
+        self.own = metric_names(cfg, self.rank)
+        self.tracking = StageLogger(stage_refs[self.rank])     # this stage's MLflow run (no-op if None)
+        self.metrics = None
+        if self.rank == self.last:  # it sees every stage's numbers for a step last: it logs the rows
+            self.names = [n for s in range(self.rank + 1) for n in metric_names(cfg, s)]
+            self.metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
+            self.metrics.resume(self.start)
+
+    def _restore(self) -> int:
+        """Load the newest complete checkpoint, as rank 0 sees it, so that every rank starts from the same step.
+
+        That is the driver's resume step on a first attempt, and on a restart after a failure it is newer than
+        the checkpoint Ray Train would hand back (which lags the last one reported by up to a health-check
+        interval), so a restart loses no committed step.
+        """
+        step = torch.tensor([(self.checkpoints.latest() or 0) if self.rank == 0 else 0])
+        dist.broadcast(step, src=0, group=self.control)
+        start = int(step)
+        if start:
+            self.checkpoints.load_stage(self.stage, start)
+        return start
+
+    def _announce(self) -> None:
+        """``<run.dir>/workers/stage-<s>.json``: where each stage runs (pid, node), for operators and tests."""
+        fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
+        info = {"stage": self.rank, "modules": self.stage.module_ids, "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address(), "device": str(self.device), "start": self.start}
+        write_bytes(fs, f"{root}/workers/stage-{self.rank}.json", json.dumps(info).encode())
+
+    def run(self) -> None:
+        cfg, every = self.cfg, self.cfg.checkpoint.every
+        step = last_saved = self.start
+        window = Window(self.inputs, self.output)
+        unlogged = torch.zeros(len(STAGE_STATS), dtype=torch.float64, device=self.device)
+        for x, upstream in self.inputs:
+            x, losses = self.stage.train_step(x)
+            step = self.stage.step
+            window.steps += 1
+            logged = step % cfg.run.log_every == 0 or step == cfg.run.steps
+            # A host-to-device copy waits for the GPU: only on logged steps.
+            stats = torch.tensor(window.take(), dtype=torch.float64, device=self.device) if logged else unlogged
+            mine = torch.cat([torch.stack([losses[n] for n in self.own[:-len(STAGE_STATS)]]).double(), stats])
+            vector = torch.cat([upstream, mine])
+            if self.output:
+                self.output.send(x, vector)
+            elif logged:
+                self._log(step, vector)
+            if logged and self.tracking.ref:
+                self.tracking.log(step, dict(zip(self.own, mine.tolist())))
+            if every and step % every == 0:
+                self._checkpoint(step)
+                last_saved = step
+        if self.output:
+            self.output.close()
+        if step != last_saved or step == 0:
+            self._checkpoint(step)
+        self.tracking.close()
+
+    def _log(self, step: int, vector: torch.Tensor) -> None:
+        row = dict(zip(self.names, vector.tolist()))
+        step_time = row[f"stage.{self.rank}.step_time_s"]  # the pipeline's pace is the last stage's
+        row["windows_per_s"] = self.cfg.data.batch_size / step_time
+        row["step_time_s"] = step_time
+        self.metrics.record(step, row)
+
+    def _checkpoint(self, step: int) -> None:
+        self.checkpoints.save_stage(self.stage, step)
+        if self.metrics:
+            self.metrics.flush()
+        dist.barrier(group=self.control)    # every stage has written `step`
+        if self.rank != 0:
+            ray.train.report({"step": step})
+            return
+        self.checkpoints.commit(step, [i for s in self.cfg.stage_modules() for i in s])
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, STEP_FILE).write_text(json.dumps({"step": step}))
+            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_stage(config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``."""
+    StageWorker(config["cfg"], config["stop"], config["stage_refs"]).run()
