@@ -209,3 +209,45 @@ def test_ray_job_submit(ray_head, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["runner"] == "pipeline" and summary["steps"] == 10
     assert CheckpointManager(str(tmp_path)).steps() == [10]
+
+
+# Replicas: without BatchNorm every tensor is identifiable (see docs/scaling.md), and 5 rows split 3 + 2.
+REPLICATED = ["model.batch_norm=false", "data.batch_size=5", "pipeline.stages=[[0],[1,2,3]]",
+              "pipeline.replicas=[2,1]"]
+
+
+def test_replicated_heavy_stage_follows_the_reference(on_head, tmp_path):
+    plain = [o for o in REPLICATED if not o.startswith("pipeline.")]
+    train(load_config("configs/smoke.yaml", [*FAST, *plain, f"run.dir={tmp_path / 'ref'}", "run.steps=20"]))
+    summary = train(load_config("configs/smoke.yaml", [*PIPELINE, *REPLICATED, f"run.dir={tmp_path / 'rep'}",
+                                                       "run.steps=20"]))
+    got, want = stored_state(str(tmp_path / "rep")), stored_state(str(tmp_path / "ref"))
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if k.endswith((".rng", ".step")):
+            assert torch.equal(got[k], v), k
+        else:
+            assert (got[k] - v).abs().max() <= 1e-4 * v.abs().max() + 1e-5, k
+    assert summary["steps"] == 20 and logged_steps(tmp_path / "rep") == list(range(2, 21, 2))
+    assert {p.name for p in (tmp_path / "rep" / "workers").iterdir()} == {
+        "stage-0.json", "stage-0-replica-1.json", "stage-1.json"}
+
+
+def test_killed_replica_worker_restarts_from_the_last_checkpoint(ray_head, on_head, tmp_path):
+    steps = ["run.steps=60", "run.log_every=10"]
+    train(load_config("configs/smoke.yaml", [*PIPELINE, *REPLICATED, *steps, f"run.dir={tmp_path / 'straight'}"]))
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(cli(ray_head, run_dir, *[a for s in [*REPLICATED, *steps] for a in ("--set", s)]),
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = CheckpointManager(str(run_dir))
+    deadline = time.monotonic() + 120
+    while not (ckpt.steps() and ckpt.steps()[-1] >= 10):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 10"
+        time.sleep(0.05)
+    victim = json.loads((run_dir / "workers" / "stage-0-replica-1.json").read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert json.loads((run_dir / "workers" / "stage-0-replica-1.json").read_text())["pid"] != victim
+    assert_bitwise_equal(stored_state(str(run_dir)), stored_state(str(tmp_path / "straight")))
+    assert logged_steps(run_dir) == list(range(10, 61, 10))

@@ -101,8 +101,9 @@ class StageConfig:
 class PipelineConfig:
     stages: list[list[int]] = _opt(factory=list, doc="module indices per stage; [] = one stage holding all")
     in_flight: int = _opt(2, lo=1, doc="batches a stage may run ahead of its consumer")
+    replicas: list[int] = _opt(factory=list, doc="data-parallel workers per stage, e.g. [2, 1]; [] = one each")
     max_failures: int = _opt(3, lo=-1, doc="worker-group restarts from the last checkpoint; -1 = unlimited")
-    cpus_per_stage: float = _opt(0.0, lo=0.0, doc="CPUs reserved per stage worker; 0 = min(1, CPUs / stages)")
+    cpus_per_stage: float = _opt(0.0, lo=0.0, doc="CPUs reserved per worker; 0 = min(1, CPUs / workers)")
 
 
 @dataclass
@@ -139,6 +140,10 @@ class Config:
         """The module indices of each stage (one stage with every module when none are given)."""
         return self.pipeline.stages or [list(range(len(self.model.modules)))]
 
+    def stage_replicas(self) -> list[int]:
+        """Workers per stage (1 each unless ``pipeline.replicas`` says otherwise)."""
+        return self.pipeline.replicas or [1] * len(self.stage_modules())
+
     def validate(self) -> None:
         """Cross-field checks; each message carries the numbers that broke it."""
         n = len(self.model.modules)
@@ -153,6 +158,17 @@ class Config:
         if flat != list(range(n)) or any(not s for s in self.stage_modules()):
             raise ConfigError(f"pipeline.stages: {self.pipeline.stages} must split modules 0..{n - 1} into "
                               f"non-empty contiguous runs in order, e.g. [[0], [1, 2, 3]]")
+        reps, stages = self.pipeline.replicas, len(self.stage_modules())
+        if reps:
+            if len(reps) != stages or min(reps) < 1:
+                raise ConfigError(f"pipeline.replicas: {reps} must give a count >= 1 for each of the {stages} "
+                                  f"stages {self.stage_modules()}")
+            for s in range(stages - 1):
+                if 1 not in (reps[s], reps[s + 1]) and reps[s] != reps[s + 1]:
+                    raise ConfigError(f"pipeline.replicas: stages {s} and {s + 1} have {reps[s]} and "
+                                      f"{reps[s + 1]} replicas; neighbours need equal counts, or 1 on one side")
+            if max(reps) > 1 and self.run.runner != "pipeline":
+                raise ConfigError(f"pipeline.replicas: {reps} needs run.runner: pipeline")
 
 
 # --------------------------------------------------------------------------------------------- parsing

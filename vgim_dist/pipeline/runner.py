@@ -79,14 +79,14 @@ class PipelineRunner:
     def fit(self, start: int) -> int:
         """Train from ``start`` on a Ray Train worker group; the step of the run's last checkpoint."""
         cfg = self.cfg
-        stages = len(cfg.stage_modules())
+        stages, workers = len(cfg.stage_modules()), sum(cfg.stage_replicas())
         use_gpu = self.use_gpu()
-        cpus = cfg.pipeline.cpus_per_stage or min(1.0, ray.cluster_resources().get("CPU", 1.0) / stages)
+        cpus = cfg.pipeline.cpus_per_stage or min(1.0, ray.cluster_resources().get("CPU", 1.0) / workers)
         stop = StopFlag.remote()
         trainer = TorchTrainer(
             train_stage,
             train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs},
-            scaling_config=ScalingConfig(num_workers=stages, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
             run_config=RunConfig(
                 # A new Ray Train run per invocation: where to start is read from run.dir, never from Ray
                 # Train's memory of an earlier invocation.
@@ -96,8 +96,9 @@ class PipelineRunner:
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
         )
-        log.info("pipeline: %d stages %s on Ray %s, %.2g CPUs%s each, in-flight window %d", stages,
-                 cfg.stage_modules(), ray.__version__, cpus, " + 1 GPU" if use_gpu else "", cfg.pipeline.in_flight)
+        log.info("pipeline: %d stages %s, replicas %s, on Ray %s, %.2g CPUs%s per worker, in-flight window %d",
+                 stages, cfg.stage_modules(), cfg.stage_replicas(), ray.__version__, cpus,
+                 " + 1 GPU" if use_gpu else "", cfg.pipeline.in_flight)
         with stop_on_sigint(stop):
             result = fit_in_thread(trainer)
         if result.checkpoint is None:   # nothing left to train: already at run.steps

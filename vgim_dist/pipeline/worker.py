@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from vgim_dist.config import Config
 from vgim_dist.data.source import build_source
+from vgim_dist.parallel.data_parallel import ReplicaGroup, split_sizes
 from vgim_dist.pipeline.transport import Receiver, Sender
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking import StageLogger, StageRef
@@ -42,32 +43,89 @@ def metric_names(cfg: Config, stage: int) -> list[str]:
 
 
 class Batches:
-    """Stage 0's input: the data source's batches, until ``run.steps`` or until the driver asks to stop."""
+    """Stage 0's input: the data source's batches, until ``run.steps`` or until the driver asks to stop. A
+    replica of stage 0 keeps its share of each batch's rows, and all replicas stop at the same step."""
 
-    def __init__(self, cfg: Config, start: int, stop: ray.ObjectRef, device: torch.device):
+    def __init__(self, cfg: Config, start: int, stop: ray.ObjectRef, device: torch.device,
+                 replicas: ReplicaGroup | None, replica_control: dist.ProcessGroup | None):
         self.cfg, self.start, self.stop = cfg, start, stop
+        self.replicas, self.replica_control = replicas, replica_control
         self.none = torch.empty(0, dtype=torch.float64, device=device)
         self.wait_s = 0.0       # reading data: stage 0's wait for input
+
+    def stopping(self) -> bool:
+        flag = torch.tensor([int(bool(ray.wait([self.stop], timeout=0)[0]))])
+        if self.replicas is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.replica_control)
+        return bool(flag)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         source = build_source(self.cfg.data, self.cfg.seed)
         try:
             for step in range(self.start, self.cfg.run.steps):
                 # Only stage 0 decides to stop; the others stop where its stream ends, so all stop together.
-                if ray.wait([self.stop], timeout=0)[0]:
+                if self.stopping():
                     return
                 t0 = time.perf_counter()
                 x = source.batch(step)
+                if self.replicas is not None:
+                    sizes = split_sizes(x.shape[0], self.replicas.world)
+                    x = x[sum(sizes[:self.replicas.rank]):][:sizes[self.replicas.rank]]
                 self.wait_s += time.perf_counter() - t0
                 yield x, self.none
         finally:
             source.close()
 
 
+class Fanout:
+    """To the next stage: all rows to one worker, or each of its N replicas its share in batch order."""
+
+    def __init__(self, senders: list[Sender]):
+        self.senders = senders
+
+    def send(self, x: torch.Tensor, metrics: torch.Tensor) -> None:
+        parts = x.split(split_sizes(x.shape[0], len(self.senders))) if len(self.senders) > 1 else [x]
+        for sender, part in zip(self.senders, parts):
+            sender.send(part, metrics)
+
+    def close(self) -> None:
+        for sender in self.senders:
+            sender.close()
+
+    @property
+    def wait_s(self) -> float:
+        return sum(s.wait_s for s in self.senders)
+
+    @property
+    def depth_sum(self) -> int:
+        return max(s.depth_sum for s in self.senders)
+
+
+class Gather:
+    """From the previous stage: one worker's rows, or its N replicas' shares concatenated in batch order."""
+
+    def __init__(self, receivers: list[Receiver]):
+        self.receivers = receivers
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        streams = [iter(r) for r in self.receivers]
+        while True:
+            items = [next(stream, None) for stream in streams]   # read every stream, its end included
+            if any(item is None for item in items):
+                assert all(item is None for item in items), "replica streams ended at different steps"
+                return
+            # Replicas all-reduce their loss terms, so any one's metrics vector stands for the stage.
+            yield torch.cat([x for x, _ in items]) if len(items) > 1 else items[0][0], items[0][1]
+
+    @property
+    def wait_s(self) -> float:
+        return sum(r.wait_s for r in self.receivers)
+
+
 class Window:
     """Where a stage's time went since the last logged step."""
 
-    def __init__(self, inputs: Batches | Receiver, output: Sender | None):
+    def __init__(self, inputs: Batches | Gather, output: Fanout | None):
         self.inputs, self.output = inputs, output
         self.reset()
 
@@ -88,32 +146,59 @@ class Window:
 
 
 class StageWorker:
-    """One stage inside its Ray Train worker: its modules, its links to the neighbours, its loop."""
+    """One worker: replica ``replica`` of stage ``stage``. World ranks run stage by stage, replicas adjacent."""
 
     def __init__(self, cfg: Config, stop: ray.ObjectRef, stage_refs: list[StageRef | None]):
         ctx = ray.train.get_context()
-        self.cfg, self.rank, self.last = cfg, ctx.get_world_rank(), ctx.get_world_size() - 1
+        self.cfg, self.rank = cfg, ctx.get_world_rank()
+        reps = cfg.stage_replicas()
+        first = [sum(reps[:s]) for s in range(len(reps))]            # world rank of each stage's replica 0
+        self.stage_index = max(s for s in range(len(reps)) if first[s] <= self.rank)
+        self.replica, self.last = self.rank - first[self.stage_index], len(reps) - 1
+        s = self.stage_index
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = ray.train.torch.get_device()
-        self.stage = Stage(cfg, self.rank, self.device)
-        self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
         # Flow control, checkpoint barriers and the resume step travel on gloo whatever carries activations.
         self.control = dist.new_group(backend="gloo")
+        # Every rank takes part in creating every group, in the same order; each keeps its own stage's.
+        self.replicas, replica_control = None, None
+        for t, n in enumerate(reps):
+            if n > 1:
+                ranks = list(range(first[t], first[t] + n))
+                group, gloo = dist.new_group(ranks), dist.new_group(ranks, backend="gloo")
+                if t == s:
+                    self.replicas, replica_control = ReplicaGroup(group, self.replica, n), gloo
+        self.stage = Stage(cfg, s, self.device, self.replicas)
+        self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
         self.start = self._restore()
         self._announce()
 
-        upstream = sum(len(metric_names(cfg, s)) for s in range(self.rank))
-        self.inputs = (Batches(cfg, self.start, stop, self.device) if self.rank == 0
-                       else Receiver(self.rank - 1, upstream, self.device, self.control))
-        self.output = Sender(self.rank + 1, cfg.pipeline.in_flight, self.control) if self.rank < self.last else None
-        self.own = metric_names(cfg, self.rank)
-        self.tracking = StageLogger(stage_refs[self.rank])     # this stage's MLflow run (no-op if None)
+        upstream = sum(len(metric_names(cfg, t)) for t in range(s))
+        if s == 0:
+            self.inputs = Batches(cfg, self.start, stop, self.device, self.replicas, replica_control)
+        else:
+            peers = self._peers(first[s - 1], reps[s - 1], reps[s])
+            self.inputs = Gather([Receiver(p, upstream, self.device, self.control) for p in peers])
+        self.output = None
+        if s < self.last:
+            peers = self._peers(first[s + 1], reps[s + 1], reps[s])
+            self.output = Fanout([Sender(p, cfg.pipeline.in_flight, self.control) for p in peers])
+        self.own = metric_names(cfg, s)
+        # Replica 0 speaks for its stage: MLflow run, metrics rows.
+        self.tracking = StageLogger(stage_refs[s] if self.replica == 0 else None)
         self.metrics = None
-        if self.rank == self.last:  # it sees every stage's numbers for a step last: it logs the rows
-            self.names = [n for s in range(self.rank + 1) for n in metric_names(cfg, s)]
+        if s == self.last and self.replica == 0:  # it sees every stage's numbers for a step last: it logs rows
+            self.names = [n for t in range(s + 1) for n in metric_names(cfg, t)]
             self.metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
             self.metrics.resume(self.start)
+
+    def _peers(self, neighbour_first: int, neighbour_replicas: int, own_replicas: int) -> list[int]:
+        """World ranks of the neighbour stage this worker exchanges with: its replica twin when both sides have
+        equal counts, else every replica of the replicated side (the other side has one worker)."""
+        if neighbour_replicas == own_replicas:
+            return [neighbour_first + self.replica]
+        return list(range(neighbour_first, neighbour_first + neighbour_replicas))
 
     def _restore(self) -> int:
         """Load the newest complete checkpoint, as rank 0 sees it, so that every rank starts from the same step.
@@ -132,9 +217,11 @@ class StageWorker:
     def _announce(self) -> None:
         """``<run.dir>/workers/stage-<s>.json``: where each stage runs (pid, node), for operators and tests."""
         fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
-        info = {"stage": self.rank, "modules": self.stage.module_ids, "pid": os.getpid(),
-                "node": ray.util.get_node_ip_address(), "device": str(self.device), "start": self.start}
-        write_bytes(fs, f"{root}/workers/stage-{self.rank}.json", json.dumps(info).encode())
+        info = {"stage": self.stage_index, "replica": self.replica, "modules": self.stage.module_ids,
+                "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(self.device),
+                "start": self.start}
+        name = f"stage-{self.stage_index}" + (f"-replica-{self.replica}" if self.replica else "")
+        write_bytes(fs, f"{root}/workers/{name}.json", json.dumps(info).encode())
 
     def run(self) -> None:
         cfg, every = self.cfg, self.cfg.checkpoint.every
@@ -152,7 +239,7 @@ class StageWorker:
             vector = torch.cat([upstream, mine])
             if self.output:
                 self.output.send(x, vector)
-            elif logged:
+            elif logged and self.metrics:
                 self._log(step, vector)
             if logged and self.tracking.ref:
                 self.tracking.log(step, dict(zip(self.own, mine.tolist())))
@@ -167,7 +254,7 @@ class StageWorker:
 
     def _log(self, step: int, vector: torch.Tensor) -> None:
         row = dict(zip(self.names, vector.tolist()))
-        step_time = row[f"stage.{self.rank}.step_time_s"]  # the pipeline's pace is the last stage's
+        step_time = row[f"stage.{self.stage_index}.step_time_s"]  # the pipeline's pace is the last stage's
         row["windows_per_s"] = self.cfg.data.batch_size / step_time
         row["step_time_s"] = step_time
         self.metrics.record(step, row)
@@ -180,7 +267,11 @@ class StageWorker:
         if self.rank != 0:
             ray.train.report({"step": step})
             return
-        self.checkpoints.commit(step, [i for s in self.cfg.stage_modules() for i in s])
+        modules = [i for s in self.cfg.stage_modules() for i in s]
+        partitions = None
+        if self.stage.zero_partitioned:  # ZeRO: every replica of every stage wrote its partition
+            partitions = {i: n for mods, n in zip(self.cfg.stage_modules(), self.cfg.stage_replicas()) for i in mods}
+        self.checkpoints.commit(step, modules, partitions=partitions)
         with tempfile.TemporaryDirectory() as d:
             Path(d, STEP_FILE).write_text(json.dumps({"step": step}))
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
