@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--malloc", choices=("default", "tuned"), default="default")
+    ap.add_argument("--replicas", default="", help='also run the pipeline with replicas, e.g. "[2, 1]"')
     args = ap.parse_args()
     if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
         # glibc reads these at process start: start again with them (Ray's workers inherit them)
@@ -132,6 +133,8 @@ def main() -> None:
     pipeline = run_time(args.config, [*overrides, "run.runner=pipeline", "run.threads=1"], args.steps, args.warmup)
     reference = {t: run_time(args.config, [*overrides, "run.runner=reference", f"run.threads={t}"], args.steps,
                              args.warmup) for t in sorted({1, n})}
+    replicated = args.replicas and run_time(args.config, [*overrides, "run.runner=pipeline", "run.threads=1",
+                                                          f"pipeline.replicas={args.replicas}"], args.steps, args.warmup)
 
     print(f"{args.config} {' '.join(args.overrides)}: stages {cfg.stage_modules()}, batch {batch} x "
           f"{cfg.data.crop} samples, malloc {args.malloc}, {args.steps} steps after {args.warmup}")
@@ -144,10 +147,15 @@ def main() -> None:
     print(f"{f'pipeline, {n} x 1 thread':<30}{pipeline:>8.4f}{batch / pipeline:>11.1f}")
     for t, s in reference.items():
         print(f"{f'reference, {t} thread' + 's' * (t > 1):<30}{s:>8.4f}{batch / s:>11.1f}")
+    if replicated:
+        print(f"{f'pipeline, replicas {args.replicas}':<30}{replicated:>8.4f}{batch / replicated:>11.1f}")
     print(f"pipeline / slowest stage alone: {max(alone) / pipeline:.2f}, beside the others: "
           f"{max(together) / pipeline:.2f}")
     print("pipeline / reference: " + ", ".join(f"{s / pipeline:.2f} ({t} thread{'s' * (t > 1)})"
                                                for t, s in reference.items()))
+    if replicated:
+        print(f"replicated pipeline / reference, 1 thread: {reference[1] / replicated:.2f}; "
+              f"/ pipeline without replicas: {pipeline / replicated:.2f}")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ class PipelineRunner:
         owns_ray = not ray.is_initialized()
         if owns_ray:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init()
+            # Joining a cluster: RAY_ADDRESS. Starting one here: it listens on localhost only.
+            ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"_node_ip_address": "127.0.0.1"}))
         try:
             step = self.fit(start)
         finally:
