@@ -156,18 +156,25 @@ def test_four_stages_on_s3_equal_the_reference(on_head, reference, s3_endpoint):
     assert_bitwise_equal(stored_state(run_dir, s3_endpoint), reference(20))
 
 
-def test_killed_stage_worker_restarts_from_the_last_checkpoint(ray_head, reference, tmp_path):
-    proc = subprocess.Popen(cli(ray_head, tmp_path, "--set", "run.steps=120", "--set", "run.log_every=10"),
-                            stderr=subprocess.PIPE, text=True)
-    ckpt = CheckpointManager(str(tmp_path))
+def kill_after_checkpoint(command: list[str], run_dir: Path, step: int, worker: str) -> int:
+    """Run ``command``; once it has committed a checkpoint at ``step`` or later, SIGKILL the worker described by
+    ``workers/<worker>``; wait for the run to finish on its own. The killed pid."""
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    ckpt = CheckpointManager(str(run_dir))
     deadline = time.monotonic() + 120
-    while not (ckpt.steps() and ckpt.steps()[-1] >= 20):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 20"
+    while not (ckpt.steps() and ckpt.steps()[-1] >= step):
+        assert proc.poll() is None and time.monotonic() < deadline, f"no checkpoint at step {step}"
         time.sleep(0.05)
-    victim = json.loads((tmp_path / "workers" / "stage-1.json").read_text())["pid"]
+    victim = json.loads((run_dir / "workers" / worker).read_text())["pid"]
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
+    return victim
+
+
+def test_killed_stage_worker_restarts_from_the_last_checkpoint(ray_head, reference, tmp_path):
+    victim = kill_after_checkpoint(cli(ray_head, tmp_path, "--set", "run.steps=120", "--set", "run.log_every=10"),
+                                   tmp_path, 20, "stage-1.json")
     workers = [json.loads((tmp_path / "workers" / f"stage-{s}.json").read_text()) for s in (0, 1)]
     assert workers[1]["pid"] != victim
     assert workers[0]["start"] == workers[1]["start"] >= 20      # every rank resumed from the same checkpoint
@@ -237,17 +244,8 @@ def test_killed_replica_worker_restarts_from_the_last_checkpoint(ray_head, on_he
     steps = ["run.steps=60", "run.log_every=10"]
     train(load_config("configs/smoke.yaml", [*PIPELINE, *REPLICATED, *steps, f"run.dir={tmp_path / 'straight'}"]))
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(cli(ray_head, run_dir, *[a for s in [*REPLICATED, *steps] for a in ("--set", s)]),
-                            stderr=subprocess.PIPE, text=True)
-    ckpt = CheckpointManager(str(run_dir))
-    deadline = time.monotonic() + 120
-    while not (ckpt.steps() and ckpt.steps()[-1] >= 10):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint at step 10"
-        time.sleep(0.05)
-    victim = json.loads((run_dir / "workers" / "stage-0-replica-1.json").read_text())["pid"]
-    os.kill(victim, signal.SIGKILL)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err
+    victim = kill_after_checkpoint(cli(ray_head, run_dir, *[a for s in [*REPLICATED, *steps] for a in ("--set", s)]),
+                                   run_dir, 10, "stage-0-replica-1.json")
     assert json.loads((run_dir / "workers" / "stage-0-replica-1.json").read_text())["pid"] != victim
     assert_bitwise_equal(stored_state(str(run_dir)), stored_state(str(tmp_path / "straight")))
     assert logged_steps(run_dir) == list(range(10, 61, 10))
