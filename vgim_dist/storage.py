@@ -7,11 +7,16 @@ import os
 import fsspec
 
 
+def resolve_endpoint(endpoint_url: str = "") -> str:
+    """The S3 endpoint: the config value, else the standard AWS_ENDPOINT_URL(_S3) variables, else AWS."""
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+
+
 def open_dir(uri: str, endpoint_url: str = "") -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, root path) for a directory URI. S3 honours ``endpoint_url`` or ``AWS_ENDPOINT_URL``."""
+    """(filesystem, root path) for a directory URI; S3 endpoint as ``resolve_endpoint`` says."""
     options = {}
     if uri.startswith("s3://"):
-        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL", "")
+        endpoint = resolve_endpoint(endpoint_url)
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
     fs, path = fsspec.core.url_to_fs(uri, **options)

@@ -7,14 +7,11 @@ from pathlib import Path
 
 import fsspec
 
+from vgim_dist.storage import resolve_endpoint, write_bytes
+
 
 class StoreError(RuntimeError):
     """The store cannot be reached or used; the message names the URI and the endpoint."""
-
-
-def resolve_endpoint(endpoint_url: str = "") -> str:
-    """The S3 endpoint: the config value, else the standard AWS_ENDPOINT_URL variable, else AWS."""
-    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
 
 
 class Store:
@@ -71,12 +68,7 @@ class Store:
         return self._call("read from", self.fs.open, self._path(name), "rb")
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        if self.remote:  # a single PUT is atomic on S3
-            self._call("write to", self.fs.pipe_file, self._path(name), data)
-            return
-        tmp = f"{self._path(name)}.tmp{os.getpid()}"
-        Path(tmp).write_bytes(data)
-        os.replace(tmp, self._path(name))
+        self._call("write to", write_bytes, self.fs, self._path(name), data)
 
     def download(self, name: str, local: Path) -> None:
         """Copy an object to a local file, atomically (concurrent readers may race for the same file)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vgim_dist.parallel.data_parallel import ReplicaGroup
+from vgim_dist.parallel.data_parallel import Share
 
 
 class _ContrastScores(torch.autograd.Function):
@@ -74,20 +74,19 @@ def _negatives(neg: torch.Tensor, k: int, batch: int, offset: int, rows: int) ->
 
 def info_nce(context: torch.Tensor, target: torch.Tensor, predictor: torch.nn.Linear, *, steps: int,
              negatives: int, window: int, generator: torch.Generator | None = None,
-             replicas: ReplicaGroup | None = None) -> torch.Tensor:
+             share: Share | None = None) -> torch.Tensor:
     """InfoNCE of one module, averaged over the K offsets.
 
     context (B, L, Dc) and target (B, L, D) are frame-aligned. Draws from ``generator``, in this order:
     the window start (only when L > window), then one permutation of the B*L pool per negative.
-    With ``replicas`` the inputs are this replica's rows; the pool is every replica's targets and the
+    With ``share`` the inputs are this replica's rows; the pool is every replica's targets and the
     result is this replica's share of the whole batch's loss (the shares sum to the unreplicated loss).
     """
     b, L, D = target.shape
     pool, B, offset = target.reshape(b * L, D), b, 0
-    if replicas is not None:
-        sizes = replicas.sizes(b, target.device)
-        B, offset = sum(sizes), sum(sizes[:replicas.rank])
-        pool = replicas.gather(target, sizes).reshape(B * L, D)
+    if share is not None:
+        B, offset = share.total, share.rows.start
+        pool = share.gather(target).reshape(B * L, D)
     K = steps
     W = min(L, window)
     if W <= K:

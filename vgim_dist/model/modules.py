@@ -85,15 +85,12 @@ class GreedyModule(nn.Module):
         """Loss terms on batch ``x`` (B, C_in, T); with ``replicas``, x is this replica's rows and the loss
         terms its share of the whole batch's."""
         mu, logvar = self._latents(x)
+        share = replicas.share(x.shape[0], x.device) if replicas is not None else None
         kl = mu.new_zeros(())
         if self.gaussian and self.variational:
             std = torch.exp(0.5 * logvar)
-            rows, batch = slice(None), None
-            if replicas is not None:
-                # Draw the whole batch's noise from the shared generator and keep this replica's rows.
-                sizes = replicas.sizes(mu.shape[0], mu.device)
-                batch, start = sum(sizes), sum(sizes[:replicas.rank])
-                rows = slice(start, start + mu.shape[0])
+            # With replicas: draw the whole batch's noise from the shared generator, keep this replica's rows.
+            rows, batch = (share.rows, share.total) if share else (slice(None), None)
             shape = (batch or mu.shape[0], *mu.shape[1:])
             c = mu + std * torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)[rows]
             z = mu + std * torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)[rows]
@@ -107,7 +104,7 @@ class GreedyModule(nn.Module):
         else:
             context, out = c.transpose(1, 2), z                            # (B, L, C), (B, C, L)
         nce = info_nce(context, target, self.predictor, steps=self.steps, negatives=self.negatives,
-                       window=self.window, generator=generator, replicas=replicas)
+                       window=self.window, generator=generator, share=share)
         return ModuleStep(loss=nce + self.kld_weight * kl, nce=nce, kl=kl, output=out.detach())
 
     @torch.no_grad()

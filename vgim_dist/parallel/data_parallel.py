@@ -32,6 +32,27 @@ def split_sizes(batch: int, replicas: int) -> list[int]:
 
 
 @dataclass
+class Share:
+    """One step's split of a batch over the replicas: this replica holds rows start .. start + sizes[rank]."""
+
+    group: ReplicaGroup
+    sizes: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def rows(self) -> slice:
+        start = sum(self.sizes[:self.group.rank])
+        return slice(start, start + self.sizes[self.group.rank])
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every replica's ``x`` concatenated along dim 0 in batch order, with gradients flowing back."""
+        return self.group.gather(x, self.sizes)
+
+
+@dataclass
 class ReplicaGroup:
     """This process's place among the replicas of one stage."""
 
@@ -39,12 +60,12 @@ class ReplicaGroup:
     rank: int
     world: int
 
-    def sizes(self, local: int, device: torch.device) -> list[int]:
-        """Rows held by each replica this step (partial batches make them uneven)."""
+    def share(self, local: int, device: torch.device) -> Share:
+        """This step's split, from the rows each replica holds (partial batches make them uneven)."""
         n = torch.tensor([local], device=device)
         out = [torch.zeros_like(n) for _ in range(self.world)]
         dist.all_gather(out, n, group=self.group)
-        return [int(t) for t in out]
+        return Share(self, [int(t) for t in out])
 
     def gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Concatenate every replica's ``x`` along dim 0, in replica order, with gradients flowing back."""
