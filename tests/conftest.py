@@ -14,6 +14,8 @@ import pytest
 
 from vgim_dist.data.synth import synth_deboer, synth_librispeech
 
+pytest_plugins = ["mlflow_fixtures"]  # the MLflow server fixture (tests/ is on sys.path)
+
 # DeepSpeed JIT-compiles a C++ op on first use: cache it in the repository's ignored build folder.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "build" / "torch_extensions"))
 
@@ -66,4 +68,3 @@ def deboer_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("deboer")
     synth_deboer(root, words=12, takes=2, seed=0)
     return root
-from mlflow_fixtures import *  # noqa: E402,F401,F403 - the MLflow server fixture (tests/ is on sys.path)
