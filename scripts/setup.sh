@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS-dev}
-APT_PACKAGES=(espeak-ng libsndfile1)
+# Speech engines and voices for the synthetic corpora (vgim_dist/data/synth.py), all from the distribution.
+APT_PACKAGES=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libsndfile1)
+# Development: headless Chromium renders the HTML report in its test.
+if [[ ",$EXTRAS," == *",dev,"* ]]; then APT_PACKAGES+=(chromium); fi
 python3 -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 
 missing=()

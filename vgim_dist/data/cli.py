@@ -11,18 +11,24 @@ from vgim_dist.data import readers
 from vgim_dist.data.audio import SAMPLE_RATE
 from vgim_dist.data.prepare import PrepareError, prepare
 from vgim_dist.data.store import Store, StoreError
-from vgim_dist.data.synth import synth_deboer, synth_librispeech
+from vgim_dist.data.synth import ENGINES, synth_deboer, synth_librispeech
+
+
+def _engines(value: str) -> tuple[str, ...]:
+    return tuple(e for e in value.split(",") if e)
 
 
 def _synth_deboer(a: argparse.Namespace) -> int:
-    counts = synth_deboer(Path(a.out), words=a.words, voices_n=a.voices, takes=a.takes, seed=a.seed,
-                          jitter=not a.no_jitter)
+    counts = synth_deboer(Path(a.out), words=a.words, voices_n=a.voices, takes=a.takes, second_takes=a.second_takes,
+                          difficulty=a.difficulty, engines=_engines(a.engines), seed=a.seed,
+                          published_naming=a.published_naming)
     print(f"wrote {counts} to {a.out}")
     return 0
 
 
 def _synth_librispeech(a: argparse.Namespace) -> int:
-    counts = synth_librispeech(Path(a.out), speakers=a.speakers, utterances=a.utterances, seed=a.seed)
+    counts = synth_librispeech(Path(a.out), speakers_n=a.speakers, utterances=a.utterances, difficulty=a.difficulty,
+                               engines=_engines(a.engines), seed=a.seed, disjoint_speakers=a.disjoint_speakers)
     print(f"wrote {counts} to {a.out}")
     return 0
 
@@ -47,8 +53,8 @@ def _prepare(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     splits = {k: v["utterances"] for k, v in m["splits"].items()}
-    print(json.dumps({"out": a.out, "utterances": splits, "seconds": round(m["seconds"], 1),
-                      "skipped": len(m["skipped"]), "fixes": m["fixes"]}))
+    print(json.dumps({"out": a.out, "utterances": splits, "audio_seconds": round(m["audio_seconds"], 1),
+                      "skipped": len(m["skipped"]), "duplicate_ids": len(m["duplicate_ids"]), "fixes": m["fixes"]}))
     return 0
 
 
@@ -59,19 +65,31 @@ def add_data_commands(subparsers) -> None:
 
     synth = dsub.add_parser("synth", help="synthetic speech corpora from espeak-ng").add_subparsers(
         dest="corpus", required=True)
+    def variability(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--difficulty", type=float, default=1.0, help="scales pitch/rate jitter, noise, reverberation, "
+                       "gain and silence jitter (0: clean; 1: SNR 10-20 dB, half the clips reverberant; docs/data.md)")
+        p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated speech engines to draw voices from")
+        p.add_argument("--seed", type=int, default=0)
+
     p = synth.add_parser("deboer", help="CV-CV-CV words in the de Boer layout")
     p.add_argument("out")
     p.add_argument("--words", type=int, default=64, help="distinct words (of 729)")
-    p.add_argument("--voices", type=int, default=1)
-    p.add_argument("--takes", type=int, default=2, help="recordings of each word per voice")
-    p.add_argument("--no-jitter", action="store_true", help="same pitch and speed for every take")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--voices", type=int, default=4, help="speakers, each an (engine, voice, pitch, rate)")
+    p.add_argument("--takes", type=int, default=1, help="recordings of each word per speaker")
+    p.add_argument("--second-takes", type=int, default=0,
+                   help="words the first speaker says once more (the published corpus: --words 729 --voices 1 "
+                   "--second-takes 122 gives 851 recordings, 680 train / 171 test)")
+    p.add_argument("--published-naming", action="store_true", help="syllable files named as in the published "
+                   "corpus: all take _1, positions 1-3, test syllables from the second takes")
+    variability(p)
     p.set_defaults(func=_synth_deboer)
     p = synth.add_parser("librispeech", help="sentences by distinct voices in the LibriSpeech layout")
     p.add_argument("out")
     p.add_argument("--speakers", type=int, required=True)
     p.add_argument("--utterances", type=int, required=True, help="per speaker")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--disjoint-speakers", action="store_true",
+                   help="test speakers never occur in training (default: every speaker in both splits)")
+    variability(p)
     p.set_defaults(func=_synth_librispeech)
 
     p = dsub.add_parser("prepare", help="corpus -> int16 16 kHz Parquet shards + manifest.json")

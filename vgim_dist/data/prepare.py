@@ -74,6 +74,15 @@ def _build(chunk: list[Item], min_samples: int, record: dict) -> bytes:
     return buf.getvalue()
 
 
+def duplicate_ids(items: list[Item]) -> list[dict]:
+    """Ids given to more than one file, within or across splits: ``{"id", "splits", "paths"}`` each."""
+    by_id: dict[str, list[Item]] = {}
+    for it in items:
+        by_id.setdefault(it.id, []).append(it)
+    return [{"id": k, "splits": sorted({it.split for it in v}), "paths": [str(it.path) for it in v]}
+            for k, v in sorted(by_id.items()) if len(v) > 1]
+
+
 def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: int = 1,
             log: Callable[[str], None] = print) -> dict:
     """Write (or finish writing) the shards for ``corpus`` and return the manifest."""
@@ -85,7 +94,11 @@ def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: in
         splits.setdefault(it.split, []).append(it)
 
     manifest = {"format_version": FORMAT_VERSION, "sample_rate": SAMPLE_RATE, "dtype": "int16",
-                "corpus": corpus.info, "splits": {}, "skipped": list(corpus.skipped), "fixes": Counter()}
+                "corpus": corpus.info, "splits": {}, "skipped": list(corpus.skipped), "fixes": Counter(),
+                "duplicate_ids": duplicate_ids(corpus.items)}
+    if dups := manifest["duplicate_ids"]:
+        log(f"warning: {len(dups)} ids occur more than once (e.g. {dups[0]['id']} in {dups[0]['splits']}); "
+            "results on these shards cannot tell the clips apart, see duplicate_ids in the manifest")
     for split, items in sorted(splits.items()):
         shards, speakers = [], set()
         for i in range(0, len(items), shard_size):
@@ -105,11 +118,11 @@ def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: in
             shards.append({"name": name, "utterances": record["utterances"], "samples": record["samples"],
                            "fingerprint": fp})
         n, samples = sum(s["utterances"] for s in shards), sum(s["samples"] for s in shards)
-        manifest["splits"][split] = {"utterances": n, "samples": samples, "seconds": samples / SAMPLE_RATE,
+        manifest["splits"][split] = {"utterances": n, "samples": samples, "audio_seconds": samples / SAMPLE_RATE,
                                      "speakers": len(speakers), "shards": shards}
     manifest["fixes"] = dict(manifest["fixes"])
     manifest["utterances"] = sum(s["utterances"] for s in manifest["splits"].values())
-    manifest["seconds"] = sum(s["seconds"] for s in manifest["splits"].values())
+    manifest["audio_seconds"] = sum(s["audio_seconds"] for s in manifest["splits"].values())
     if manifest["utterances"] == 0:
         reasons = Counter(s["reason"].split(":")[0] for s in manifest["skipped"]).most_common(3)
         raise PrepareError(f"every file failed ({len(manifest['skipped'])} skipped; most common: {reasons}); "

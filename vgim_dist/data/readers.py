@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vgim_dist.data.provenance import Provenance
+
 AUDIO_SUFFIXES = (".wav", ".flac")
 SYLLABLES = ("ba", "bi", "bu", "da", "di", "du", "ga", "gi", "gu")  # class order of the syllable probe
 VOWELS = ("a", "i", "u")
 DEBOER_WORDS = "reshuffledv2"
 DEBOER_SYLLABLES = "split up data padded"
+DEBOER_SPEAKERS = "speakers.tsv"  # optional (synthetic corpora): recording name, tab, speaker id
 
 
 @dataclass(frozen=True)
@@ -83,35 +86,60 @@ def librispeech(root: Path, split_dir: Path | None = None, phones: Path | None =
     return corpus
 
 
+def _deboer_speakers(root: Path) -> dict[str, str]:
+    path = root / DEBOER_SPEAKERS
+    if not path.is_file():
+        return {}
+    return dict(line.split("\t", 1) for line in path.read_text().splitlines() if "\t" in line)
+
+
 def deboer(root: Path, level: Literal["word", "syllable"] = "word",
            split_rule: Literal["original", "clean"] = "original") -> Corpus:
     """The de Boer layout: words ``reshuffledv2/<split>/<word>_<take>.wav`` and syllables
     ``split up data padded/<split>/<word>_<take>_<position>_<syllable>.wav``.
 
-    ``split_rule="clean"`` puts each syllable in the split of the word recording it was cut from, so no
-    syllable test clip comes from a recording the encoder trained on; ``original`` keeps the folders.
+    ``split_rule="clean"`` puts each syllable in the split of the word recording it was cut from, found from
+    the audio (`vgim_dist.data.provenance`), not from the take in its name, which the published corpus gets
+    wrong; the syllable's id then names that recording. A syllable whose recording cannot be found is
+    skipped with the reason. ``original`` keeps the folders. Speakers come from ``speakers.tsv`` when the
+    corpus has one (synthetic corpora), else every item is speaker ``deboer``.
     """
-    word_split = {p.stem: p.parent.name for p in _audio_files(root / DEBOER_WORDS)}
+    words = {p.stem: p for p in _audio_files(root / DEBOER_WORDS)}
+    speaker_of = _deboer_speakers(root)
     if level == "word":
         corpus = Corpus([], info={"format": "deboer", "level": "word", "split_rule": "original"})
         for p in _audio_files(root / DEBOER_WORDS):
             word = p.stem.split("_")[0]
-            corpus.items.append(Item(p.stem, "deboer", p.parent.name, p, {"word": word}))
+            corpus.items.append(Item(p.stem, speaker_of.get(p.stem, "deboer"), p.parent.name, p, {"word": word}))
         return corpus
     corpus = Corpus([], info={"format": "deboer", "level": "syllable", "split_rule": split_rule})
+    provenance = Provenance(words) if split_rule == "clean" else None
+    renamed = 0
     for p in _audio_files(root / DEBOER_SYLLABLES):
         parts = p.stem.split("_")
         syllable = p.stem[-2:]
         if len(parts) != 4 or syllable not in SYLLABLES:
             corpus.skip(p.stem, p, "name is not <word>_<take>_<position>_<syllable>")
             continue
-        recording = f"{parts[0]}_{parts[1]}"
-        split = p.parent.name if split_rule == "original" else word_split.get(recording, "")
-        if not split:
-            corpus.skip(p.stem, p, f"clean split: word recording {recording} not in {DEBOER_WORDS}")
-            continue
-        labels = {"syllable": syllable, "vowel": syllable[1], "word": parts[0], "position": int(parts[2])}
-        corpus.items.append(Item(p.stem, "deboer", split, p, labels))
+        recording, split, uid = f"{parts[0]}_{parts[1]}", p.parent.name, p.stem
+        if provenance is not None:
+            match = provenance.match(p, parts[0])
+            if match.recording is None:
+                corpus.skip(p.stem, p, f"clean split: provenance unknown ({match.reason})")
+                continue
+            renamed += match.recording != recording
+            recording, split = match.recording, words[match.recording].parent.name
+            uid = f"{recording}_{parts[2]}_{syllable}"
+        labels = {"syllable": syllable, "vowel": syllable[1], "word": parts[0], "position": int(parts[2]),
+                  "recording": recording}
+        corpus.items.append(Item(uid, speaker_of.get(recording, "deboer"), split, p, labels))
+    if provenance is not None:
+        unknown = sum(s["reason"].startswith("clean split") for s in corpus.skipped)
+        corpus.info["provenance"] = {
+            "method": "normalised cross-correlation of each syllable against its word's recordings",
+            "matched": len(corpus.items), "unknown": unknown, "take_in_name_wrong": renamed}
+        if unknown:
+            corpus.info["split_rule"] = "clean (syllables of unknown provenance left out)"
     return corpus
 
 
