@@ -66,5 +66,5 @@ def librispeech_dir(tmp_path_factory) -> Path:
 def deboer_dir(tmp_path_factory) -> Path:
     """12 words x 2 takes, one voice, in the de Boer layout."""
     root = tmp_path_factory.mktemp("deboer")
-    synth_deboer(root, words=12, takes=2, seed=0)
+    synth_deboer(root, words=12, voices_n=1, takes=2, seed=0)
     return root

@@ -8,7 +8,11 @@ import soundfile as sf
 
 from vgim_dist.data import readers
 from vgim_dist.data.readers import DEBOER_SYLLABLES, DEBOER_WORDS, SYLLABLES
-from vgim_dist.data.synth import voices
+import math
+import random
+
+from vgim_dist.data.prepare import duplicate_ids
+from vgim_dist.data.synth import ENGINES, _split, draw_speakers, synth_deboer
 
 
 def test_deboer_layout_and_naming(deboer_dir):
@@ -94,7 +98,52 @@ def test_folder_reader_with_and_without_csv(librispeech_dir, tmp_path):
         "listed in labels.csv but no audio file", "not in labels.csv"]
 
 
-def test_voices_are_distinct():
-    vs = voices(120)
-    assert len({(v.name, v.pitch) for v in vs}) == 120
-    assert vs[0].name == "en-us"  # the single default voice
+def test_speakers_are_distinct_tuples_from_every_engine():
+    people = draw_speakers(40)
+    assert len({p.id for p in people}) == 40
+    assert (people[0].engine, people[0].voice, people[0].pitch, people[0].rate) == ("espeak-ng", "en-us", 50, 160)
+    assert {p.engine for p in people[:4]} == set(ENGINES)
+    assert any(p.voice.split("+")[0] in ("es", "it", "de") for p in people[:4])  # an accent among the first four
+    assert draw_speakers(40) == people  # seeded
+    assert draw_speakers(40, seed=1) != people
+
+
+def test_published_word_counts():
+    """--words 729 --second-takes 122: 851 recordings, split 680 / 171 as the published corpus."""
+    split = _split([f"w{i}" for i in range(851)], 0.2, random.Random(0))
+    assert sum(v == "test" for v in split.values()) == 171 == math.ceil(0.2 * 851)
+
+
+def test_clean_split_finds_provenance_in_the_audio_despite_published_naming(tmp_path):
+    """The published corpus's traps: every syllable file is named take _1 (positions 1-3), and the test
+    syllables come from the second takes. Names alone put them beside their own recording's words; the
+    audio says where each was cut from."""
+    counts = synth_deboer(tmp_path, words=6, voices_n=1, second_takes=6, engines=("espeak-ng",), seed=3,
+                          published_naming=True)
+    assert counts["words"] == 12 and counts["syllables"] == 36
+    names = {p.stem for p in (tmp_path / DEBOER_SYLLABLES).rglob("*.wav")}
+    assert len(names) == 18 and all(n.split("_")[1] == "1" for n in names)  # 36 files, 18 distinct names
+
+    original = readers.deboer(tmp_path, level="syllable", split_rule="original")
+    assert len(duplicate_ids(original.items)) == 18  # every id twice, once per split
+
+    clean = readers.deboer(tmp_path, level="syllable", split_rule="clean")
+    word_split = {it.id: it.split for it in readers.deboer(tmp_path, level="word").items}
+    assert clean.info["split_rule"] == "clean" and not clean.skipped and not duplicate_ids(clean.items)
+    assert clean.info["provenance"]["take_in_name_wrong"] == 18
+    for it in clean.items:  # the test folder holds the second takes: the audio must say so
+        take = "1" if it.path.parent.name == "train" else "2"
+        assert it.labels["recording"] == f"{it.labels['word']}_{take}" and it.split == word_split[it.labels["recording"]]
+        assert it.id == f"{it.labels['recording']}_{it.labels['position']}_{it.labels['syllable']}"
+
+
+def test_clean_split_refuses_syllables_of_unknown_provenance(tmp_path):
+    synth_deboer(tmp_path, words=3, voices_n=1, engines=("espeak-ng",), seed=5)
+    victim = sorted((tmp_path / DEBOER_WORDS).rglob("*.wav"))[0]
+    x, sr = sf.read(victim, dtype="float32")
+    sf.write(victim, x[::-1].copy(), sr)  # the word recording no longer contains its syllables
+    clean = readers.deboer(tmp_path, level="syllable", split_rule="clean")
+    lost = [s for s in clean.skipped if s["id"].startswith(victim.stem + "_")]
+    assert len(lost) == 3 and all("provenance unknown" in s["reason"] for s in lost)
+    assert clean.info["split_rule"].startswith("clean (syllables of unknown provenance left out")
+    assert clean.info["provenance"]["unknown"] == 3 and len(clean.items) == 6

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from browser import inspect_page
 
 from vgim_dist.cli import main
 from vgim_dist.config import load_config
@@ -19,6 +21,7 @@ from vgim_dist.eval.decoder import decoder_run
 from vgim_dist.eval.features import load_run
 from vgim_dist.eval.probes import ProbeSettings, probe_run
 from vgim_dist.eval.report import build_report
+from vgim_dist.model import build_module
 from vgim_dist.train.run import train
 
 FAST_PROBE = ProbeSettings(standardize=True)  # SPEC 6 epochs; z-scored: a 12-step encoder's features barely vary
@@ -26,10 +29,10 @@ FAST_PROBE = ProbeSettings(standardize=True)  # SPEC 6 epochs; z-scored: a 12-st
 
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory) -> dict:
-    """24 words x 2 takes (144 syllables), word and clean-split syllable shards, a 12-step tracked smoke run."""
+    """24 words x 2 speakers (144 syllables), word and clean-split syllable shards, a 12-step tracked smoke run."""
     root = tmp_path_factory.mktemp("eval")
     corpus = root / "corpus"
-    synth_deboer(corpus, words=24, takes=2, seed=1)
+    synth_deboer(corpus, words=24, voices_n=2, seed=1)
     words, syllables = str(root / "words"), str(root / "syllables")
     assert data_main(["data", "prepare", str(corpus), "--format", "deboer", "--out", words]) == 0
     assert data_main(["data", "prepare", str(corpus), "--format", "deboer", "--level", "syllable",
@@ -51,10 +54,13 @@ def test_probes_land_above_chance_and_repeat_exactly(setup):
     for task in ("vowels", "syllables"):
         r = probe_run(run, task, data, repeats=2, settings=FAST_PROBE, track=False)
         assert r["split_rule"] == "deboer/syllable/clean" and r["features"] == "mean"
+        assert r["split"] == "deboer/syllable/clean: train / test as prepared"
+        assert r["protocol"] == "mean over time, bias, z-scored, 50 epochs, lr 0.001"
         for m, e in r["modules"].items():
             assert e["n_test"] > 10 and len(e["accuracy"]["values"]) == 2
             assert e["accuracy"]["mean"] > e["chance_uniform"] + 0.2, (task, m, e["accuracy"])
-        assert Path(run, "eval", f"probe-{task}-standardized.json").is_file()
+            assert len(e["step0"]["accuracy"]["values"]) == 2  # the same probes on the encoder as initialised
+        assert Path(run, "eval", f"probe-{task}-standardized.syllables.json").is_file()
     # Sampled features too: the same seed gives the same draws, probes and accuracies.
     a = probe_run(run, "vowels", data, modules=[1], mode="sample", few_labels=True, settings=FAST_PROBE, track=False)
     b = probe_run(run, "vowels", data, modules=[1], mode="sample", few_labels=True, settings=FAST_PROBE, track=False)
@@ -62,6 +68,38 @@ def test_probes_land_above_chance_and_repeat_exactly(setup):
     assert list(a["modules"]["1"]["few_labels"])[:3] == ["1", "2", "4"]
     c = probe_run(run, "vowels", data, modules=[1], mode="sample", seed=1, settings=FAST_PROBE, track=False)
     assert c["modules"]["1"]["weight"] != a["modules"]["1"]["weight"]
+
+
+def test_step0_baseline_is_the_encoder_as_initialised(setup):
+    trained, initial = load_run(setup["run"]), load_run(setup["run"], step=0)
+    assert (trained.step, initial.step) == (12, 0)
+    cfg = load_config(Path(setup["run"], "config.yaml"))
+    fresh = build_module(cfg.model, 0, cfg.seed)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in initial.modules[0].state_dict().items())
+    assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in trained.modules[0].state_dict().items())
+
+
+def test_thesis_protocol_flatten_max_no_bias_reshuffle(setup):
+    run, data = setup["run"], setup["syllables"]
+    flat = probe_run(run, "syllables", data, modules=[0, 1], repeats=2, track=False,
+                     settings=ProbeSettings(epochs=5, features="flatten", split="reshuffle"), baseline=False)
+    for e in flat["modules"].values():
+        assert e["dim"] > 32 and e["dim"] % 32 == 0  # C x T, not C
+        assert e["n_test"] == round(0.2 * (e["n_train"] + e["n_test"]))
+    assert flat["split"].endswith("80/20 reshuffle of train + test, fresh per repeat")
+    assert flat["protocol"].startswith("flattened C x T, bias, raw, 5 epochs")
+    vowels = probe_run(run, "vowels", data, modules=[1], track=False, baseline=False,
+                       settings=ProbeSettings(epochs=5, pool="max", bias=False))
+    assert vowels["protocol"].startswith("max over time, no bias") and vowels["modules"]["1"]["dim"] == 32
+    names = {p.name for p in Path(run, "eval").glob("probe-*.json")}
+    assert {"probe-syllables-flatten-reshuffle.syllables.json", "probe-vowels-max-nobias.syllables.json"} <= names
+    # A probe of another data set is named by it, and overwrites nothing.
+    other = Path(setup["syllables"]).with_name("syllables-copy")
+    shutil.copytree(setup["syllables"], other)
+    probe_run(run, "vowels", str(other), modules=[1], track=False, baseline=False,
+              settings=ProbeSettings(epochs=5, pool="max", bias=False))
+    assert {"probe-vowels-max-nobias.syllables.json", "probe-vowels-max-nobias.syllables-copy.json"} <= {
+        p.name for p in Path(run, "eval").glob("probe-*.json")}
 
 
 def test_encoder_is_frozen_in_eval_mode_and_checkpoint_untouched(setup):
@@ -82,7 +120,7 @@ def test_decoder_loss_falls_and_writes_audio(setup):
     for e in r["examples"]:
         assert (out / e["original"]).is_file() and (out / e["reconstruction"]).is_file()
     assert all((out / p).is_file() for p in r["prior"])
-    assert r["interpolation"]["0"] == pytest.approx(1.0) and r["interpolation"]["32"] == pytest.approx(0.0)
+    assert r["interpolation"]["0"] == 1.0 and r["interpolation"]["32"] == pytest.approx(0.0)
 
 
 def test_report_is_self_contained_and_logged_to_mlflow(setup):
@@ -96,10 +134,12 @@ def test_report_is_self_contained_and_logged_to_mlflow(setup):
     assert sources and all(s.startswith(("data:image/png;base64,", "data:audio/wav;base64,")) for s in sources)
     assert "href=" not in html  # nothing outside the file
     plots = Path(run, "eval", "plots")
-    for name in ("tsne.png", "histograms-module-0.png", "loss-module-0.png", "probe-vowels-standardized-weights-module-1.png",
+    for name in ("tsne.png", "histograms.png", "loss-module-0.png", "probe-vowels-standardized.syllables-weights.png",
                  "decoder-m1-mse-spectrograms.png"):
         assert (plots / name).stat().st_size > 1000, name
-    assert "| V-GIM | 1 |" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "| V-GIM | 1 |" in md and "| V-GIM step 0 | 1 |" in md and "(n = 1)" in md and "± 0.000" not in md
+    assert "(majority class)" in md and "Protocol: mean over time" in md and "Split: deboer/syllable/clean" in md
 
     from mlflow import MlflowClient  # noqa: PLC0415
 
@@ -107,11 +147,28 @@ def test_report_is_self_contained_and_logged_to_mlflow(setup):
     c = MlflowClient(ids["tracking_uri"])
     evals = c.search_runs([ids["experiment_id"]], f"tags.vgim.evaluates = '{ids['parent_run_id']}'")
     by_name = {r.info.run_name: r for r in evals}
-    assert {"probe-vowels-standardized", "report"} <= set(by_name)
-    probe = by_name["probe-vowels-standardized"]
+    assert {"probe-vowels-standardized.syllables", "report"} <= set(by_name)
+    probe = by_name["probe-vowels-standardized.syllables"]
     assert probe.data.tags["mlflow.parentRunId"] == ids["parent_run_id"]
-    assert "probe-vowels-standardized.m0.accuracy_mean" in probe.data.metrics
+    assert {"probe-vowels-standardized.syllables.m0.accuracy_mean",
+            "probe-vowels-standardized.syllables.m0.step0_accuracy_mean"} <= set(probe.data.metrics)
     assert [a.path for a in c.list_artifacts(by_name["report"].info.run_id)] == ["report.html", "report.md"]
+
+
+def test_report_in_a_browser(setup, tmp_path):
+    """The report as Chromium renders it: every image decodes to a real size, every audio player knows its
+    clip's duration, and no two pieces of visible text overlap."""
+    run = setup["run"]
+    probe_run(run, "syllables", setup["syllables"], settings=ProbeSettings(epochs=5, standardize=True), track=False)
+    probe_run(run, "vowels", setup["syllables"], settings=ProbeSettings(epochs=5, standardize=True), track=False)
+    r = decoder_run(run, 1, "mse", steps=4, batch_size=2, examples=2, draws=1, track=False)
+    page = build_report([run], tsne=False, track=False)
+    seen = inspect_page(page, tmp_path)
+    assert len(seen["images"]) >= 6 and all(i["width"] > 100 and i["height"] > 100 for i in seen["images"]), seen["images"]
+    assert len(seen["audio"]) == 2 * len(r["examples"]) + len(r["prior"])
+    assert all(d is not None and 0.3 < d < 5 for d in seen["audio"]), seen["audio"]  # 0.32 s clips: data loaded
+    assert seen["texts"] > 50 and seen["overlaps"] == [], seen["overlaps"]
+    assert seen["page_width"] <= seen["view_width"]  # nothing sticks out sideways
 
 
 def test_bad_input_names_the_file_or_key(setup, tmp_path):

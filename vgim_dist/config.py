@@ -124,6 +124,21 @@ class TrackingConfig:
                                 "metrics (needs psutil, and pynvml for GPUs)")
 
 
+PROBE_TASKS = ("syllables", "vowels", "speakers")
+
+
+@dataclass
+class EvalConfig:
+    """Probes of committed checkpoints while training, in a background evaluator (docs/evaluation.md)."""
+
+    every: int = _opt(0, lo=0, doc="probe every N committed checkpoints (and step 0); 0 = off")
+    tasks: list[str] = _opt(factory=lambda: ["syllables", "vowels"], doc=f"probe tasks, of {list(PROBE_TASKS)}")
+    data: str = _opt("", doc="shards with the tasks' labels, e.g. de Boer syllable shards")
+    epochs: int = _opt(20, lo=1, doc="probe epochs (z-scored features, time-averaged)")
+    cpus: float = _opt(1.0, lo=0.0, doc="CPUs of the evaluator: a Ray actor's share on pipeline runs, torch "
+                       "threads of its subprocess on the reference runner")
+
+
 @dataclass
 class Config:
     seed: int = _opt(0, lo=0)
@@ -135,6 +150,7 @@ class Config:
     stage: StageConfig = _opt(factory=StageConfig)
     checkpoint: CheckpointConfig = _opt(factory=CheckpointConfig)
     tracking: TrackingConfig = _opt(factory=TrackingConfig)
+    eval: EvalConfig = _opt(factory=EvalConfig)
 
     def stage_modules(self) -> list[list[int]]:
         """The module indices of each stage (one stage with every module when none are given)."""
@@ -154,6 +170,13 @@ class Config:
                 raise ConfigError(f"model.modules.{i}: a module needs conv layers, an autoregressor, or both")
             if not m.layers and i == 0:
                 raise ConfigError("model.modules.0: the first module must start with conv layers (raw audio in)")
+        if self.eval.every:
+            if not self.eval.data:
+                raise ConfigError("eval.data: eval.every needs shards with the probe labels, e.g. de Boer syllable "
+                                  "shards (vgim data prepare --format deboer --level syllable ...)")
+            for i, t in enumerate(self.eval.tasks):
+                if t not in PROBE_TASKS:
+                    raise ConfigError(f"eval.tasks.{i}: expected one of {list(PROBE_TASKS)}, got {t!r}")
         flat = [i for s in self.stage_modules() for i in s]
         if flat != list(range(n)) or any(not s for s in self.stage_modules()):
             raise ConfigError(f"pipeline.stages: {self.pipeline.stages} must split modules 0..{n - 1} into "

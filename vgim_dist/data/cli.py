@@ -27,7 +27,7 @@ def _synth_deboer(a: argparse.Namespace) -> int:
 
 
 def _synth_librispeech(a: argparse.Namespace) -> int:
-    counts = synth_librispeech(Path(a.out), speakers_n=a.speakers, utterances=a.utterances, difficulty=a.difficulty,
+    counts = synth_librispeech(Path(a.out), speakers=a.speakers, utterances=a.utterances, difficulty=a.difficulty,
                                engines=_engines(a.engines), seed=a.seed, disjoint_speakers=a.disjoint_speakers)
     print(f"wrote {counts} to {a.out}")
     return 0

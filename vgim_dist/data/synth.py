@@ -96,7 +96,7 @@ def _voice_pools(engines: tuple[str, ...]) -> list[list[tuple[str, str]]]:
     return pools
 
 
-def speakers(n: int, engines: tuple[str, ...] = ENGINES, seed: int = 0) -> list[Speaker]:
+def draw_speakers(n: int, engines: tuple[str, ...] = ENGINES, seed: int = 0) -> list[Speaker]:
     """``n`` distinct speakers, taking voices from the engines in turn; each gets a seeded pitch and rate.
 
     The first speaker is espeak-ng's ``en-us`` at its default pitch and rate (the one-voice corpus)."""
@@ -319,7 +319,7 @@ def synth_deboer(out: Path, words: int = 64, voices_n: int = 4, takes: int = 1, 
     if not 0 <= second_takes <= words:
         raise ValueError(f"--second-takes must be 0..{words} (the number of words)")
     chosen = sorted(rng.sample(vocabulary, words))
-    people = speakers(voices_n, engines, seed)
+    people = draw_speakers(voices_n, engines, seed)
     recordings = []  # (word, take number, speaker)
     for v, spk in enumerate(people):
         recordings += [(w, v * takes + t + 1, spk) for t in range(takes) for w in chosen]
@@ -393,7 +393,7 @@ def sentence(rng: random.Random) -> str:
     return f"{text} {rng.choice(adv)}" if rng.random() < 0.5 else text
 
 
-def synth_librispeech(out: Path, speakers_n: int = 4, utterances: int = 10, difficulty: float = 1.0,
+def synth_librispeech(out: Path, speakers: int = 4, utterances: int = 10, difficulty: float = 1.0,
                       engines: tuple[str, ...] = ENGINES, seed: int = 0, test_fraction: float = 0.2,
                       disjoint_speakers: bool = False, subset: str = "train-clean-100") -> dict:
     """Write ``<subset>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac`` (16 kHz) with ``.trans.txt`` files, and
@@ -402,7 +402,7 @@ def synth_librispeech(out: Path, speakers_n: int = 4, utterances: int = 10, diff
     check_engines(engines)
     rng = random.Random(seed)
     var = Variability(difficulty)
-    people = speakers(speakers_n, engines, seed)
+    people = draw_speakers(speakers, engines, seed)
     jobs = []  # (utterance id, text, speaker, jitter)
     for i, spk in enumerate(people):
         spk_id, chapter = str(100 + i), str(1000 + i)
@@ -417,10 +417,10 @@ def synth_librispeech(out: Path, speakers_n: int = 4, utterances: int = 10, diff
 
     split = {}
     if disjoint_speakers:
-        spk_split = _split([str(100 + i) for i in range(speakers_n)], test_fraction, rng)
+        spk_split = _split([str(100 + i) for i in range(speakers)], test_fraction, rng)
         split = {uid: spk_split[uid.split("-")[0]] for uid, *_ in jobs}
     else:
-        for i in range(speakers_n):  # per speaker, so every speaker is in both splits
+        for i in range(speakers):  # per speaker, so every speaker is in both splits
             split.update(_split([uid for uid, *_ in jobs if uid.startswith(f"{100 + i}-")], test_fraction, rng))
     transcripts: dict[Path, list[str]] = {}
     for uid, text, spk, _ in jobs:
@@ -435,5 +435,5 @@ def synth_librispeech(out: Path, speakers_n: int = 4, utterances: int = 10, diff
     for name in ("train", "test"):
         (out / f"{name}_split.txt").write_text("".join(f"{u}\n" for u in sorted(split) if split[u] == name))
     (out / "SPEAKERS.tsv").write_text("".join(f"{100 + i}\t{s.id}\n" for i, s in enumerate(people)))
-    return {"speakers": speakers_n, "utterances": len(jobs), "test": sum(v == "test" for v in split.values()),
+    return {"speakers": speakers, "utterances": len(jobs), "test": sum(v == "test" for v in split.values()),
             "difficulty": difficulty}

@@ -29,12 +29,16 @@ def _probe(a: argparse.Namespace) -> int:
     from vgim_dist.eval.probes import probe_run  # noqa: PLC0415
 
     settings = ProbeSettings(epochs=a.epochs, lr=a.lr or (1e-4 if a.task == "phones" else 1e-3),
-                             batch_size=a.batch_size, standardize=a.standardize)
+                             batch_size=a.batch_size, standardize=a.standardize, features=a.features, pool=a.pool,
+                             bias=not a.no_bias, split=a.split)
     result = probe_run(a.run, a.task, a.data, modules=None if a.module is None else [a.module], repeats=a.repeats,
-                       mode=a.features, settings=settings, few_labels=a.few_labels, seed=a.seed, step=a.step,
-                       train_split=a.train_split, test_split=a.test_split, track=not a.no_mlflow)
-    print(json.dumps({"task": a.task, "run": a.run, "accuracy": {
-        m: round(e["accuracy"]["mean"], 4) for m, e in result["modules"].items()}}))
+                       mode=_LATENT[a.latent], settings=settings, few_labels=a.few_labels, seed=a.seed, step=a.step,
+                       train_split=a.train_split, test_split=a.test_split, track=not a.no_mlflow,
+                       baseline=not a.no_baseline)
+    print(json.dumps({"task": a.task, "run": a.run, "protocol": result["protocol"], "split": result["split"],
+                      "accuracy": {m: round(e["accuracy"]["mean"], 4) for m, e in result["modules"].items()},
+                      "step0_accuracy": {m: round(e["step0"]["accuracy"]["mean"], 4)
+                                         for m, e in result["modules"].items() if "step0" in e}}))
     return 0
 
 
@@ -43,7 +47,7 @@ def _decoder(a: argparse.Namespace) -> int:
     from vgim_dist.eval.decoder import decoder_run  # noqa: PLC0415
 
     r = decoder_run(a.run, a.module, a.loss, data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                    mode=a.features, examples=a.examples, draws=a.draws, seed=a.seed, step=a.step,
+                    mode=_LATENT[a.latent], examples=a.examples, draws=a.draws, seed=a.seed, step=a.step,
                     test_split=a.test_split, track=not a.no_mlflow)
     print(json.dumps({"run": a.run, "module": a.module, "loss": a.loss, "train_loss": r["curve"][-1]["loss"],
                       "test_loss": r["test_loss"]}))
@@ -60,11 +64,14 @@ def _report(a: argparse.Namespace) -> int:
     return 0
 
 
+_LATENT = {"mu": "mean", "sample": "sample"}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory written by `vgim train` (config.yaml + checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
-    p.add_argument("--features", choices=("mean", "sample"), default="mean",
-                   help="Gaussian modules: mu, or one seeded draw from N(mu, sigma^2)")
+    p.add_argument("--latent", choices=tuple(_LATENT), default="mu",
+                   help="what a Gaussian module passes on: mu, or one seeded draw from N(mu, sigma^2) (default: mu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-split", default="test")
     p.add_argument("--no-mlflow", action="store_true", help="write the JSON results only")
@@ -75,7 +82,7 @@ def add_eval_commands(subparsers) -> None:
     ev = subparsers.add_parser("eval", help="probes and decoders on a trained run's frozen encoder")
     esub = ev.add_subparsers(dest="eval_command", required=True)
 
-    p = esub.add_parser("probe", help="linear probes on time-averaged (phones: per-frame) frozen features")
+    p = esub.add_parser("probe", help="linear probes on frozen features, beside the same probes at step 0")
     _common(p)
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--data", required=True, help="shards with the task's labels, e.g. de Boer syllable shards "
@@ -85,11 +92,22 @@ def add_eval_commands(subparsers) -> None:
     which.add_argument("--all", action="store_true", help="every module (the default; phones: every GRU module)")
     p.add_argument("--repeats", type=int, default=1, help="probes per module with different seeds: mean and std")
     p.add_argument("--few-labels", action="store_true", help="also the curve for 1, 2, 4, ... 128 labels per class")
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--features", choices=("pooled", "flatten"), default="pooled",
+                   help="pooled over time, or the flattened C x T output (the thesis's syllable probe; clips of one "
+                   "length) (default: pooled)")
+    p.add_argument("--pool", choices=("mean", "max"), default="mean",
+                   help="pooling over time (the thesis's vowel probe: max) (default: mean)")
+    p.add_argument("--no-bias", action="store_true", help="a probe without bias (the thesis's vowel probe)")
+    p.add_argument("--split", choices=("given", "reshuffle"), default="given",
+                   help="the prepared train/test splits, or a fresh 80/20 reshuffle of both per repeat (the "
+                   "thesis's table) (default: given)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the same probes on the encoder as initialised (step 0)")
+    p.add_argument("--epochs", type=int, default=50, help="(the thesis's table: 100)")
     p.add_argument("--lr", type=float, default=0.0, help="default: 1e-3, phones 1e-4")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--standardize", action="store_true",
-                   help="z-score each feature channel with train-split statistics (SPEC 6 probes raw features)")
+                   help="z-score each feature with train-split statistics (docs/method.md probes raw features)")
     p.add_argument("--train-split", default="train")
     p.set_defaults(func=_probe)
 

@@ -18,11 +18,12 @@ from vgim_dist.config import Config, ConfigError, load_config
 from vgim_dist.data.loader import Utterance, iter_utterances, read_manifest
 from vgim_dist.data.source import derive_seed
 from vgim_dist.data.store import Store
-from vgim_dist.model import GreedyModule, describe
-from vgim_dist.tracking.model import load_encoder
+from vgim_dist.model import GreedyModule, build_module, describe
+from vgim_dist.tracking.model import Encoder, load_encoder
 from vgim_dist.train.checkpoint import CheckpointManager
 
 FeatureMode = Literal["mean", "sample"]  # mu of each Gaussian module, or one draw from N(mu, sigma^2)
+Reduce = Literal["mean", "max", "flatten"]  # over time: average, maximum, or none (the C x T output flattened)
 
 
 @dataclass
@@ -60,7 +61,10 @@ class Run:
 
 
 def load_run(run_dir: str, step: int | None = None) -> Run:
-    """The run in ``run_dir`` at checkpoint ``step`` (default: the latest complete one), frozen."""
+    """The run in ``run_dir`` at checkpoint ``step`` (default: the latest complete one), frozen.
+
+    Step 0 is the encoder as training initialised it (the same seeded build), whether or not a step-0
+    checkpoint exists: the baseline that shows what training bought."""
     if "://" in run_dir:
         raise ValueError(f"{run_dir}: evaluation reads and writes a local run directory; copy the run here first")
     path = Path(run_dir) / "config.yaml"
@@ -70,14 +74,18 @@ def load_run(run_dir: str, step: int | None = None) -> Run:
         cfg = load_config(path)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    cfg.run.dir = run_dir  # the directory as given now, not as it was when training started
     steps = CheckpointManager(run_dir).steps()
+    if step == 0 and 0 not in steps:
+        encoder = Encoder([build_module(cfg.model, i, cfg.seed) for i in range(len(cfg.model.modules))])
+        encoder.requires_grad_(False)
+        return Run(run_dir, cfg, 0, list(encoder.stack))
     if not steps:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under {run_dir}/checkpoints")
     if step is None:
         step = steps[-1]
     elif step not in steps:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint for step {step}; it has {steps}")
-    cfg.run.dir = run_dir  # the directory as given now, not as it was when training started
     encoder = load_encoder(cfg, step)  # eval mode
     encoder.requires_grad_(False)
     return Run(run_dir, cfg, step, list(encoder.stack))
@@ -107,13 +115,15 @@ class SplitFeatures:
 
     utterances: list[Utterance]      # audio dropped (empty arrays) once encoded
     pooled: list[torch.Tensor]       # per module: (N, C_m), the output averaged over time
+    vectors: list[torch.Tensor]      # per module: (N, D) as ``reduce`` asked: mean or max (D = C_m), flatten (C_m T_m)
     frames: list[list[torch.Tensor]] | None  # per module, per utterance: (T_m, C_m); only when asked for
 
 
 def extract(run: Run, uri: str, split: str, upto: int, mode: FeatureMode = "mean", seed: int = 0,
             keep_frames: bool = False, batch_size: int = 64, endpoint_url: str = "",
-            cache_dir: str = "") -> SplitFeatures:
-    """Encode every utterance of ``split`` through modules 0..upto and average each module's output over time.
+            cache_dir: str = "", reduce: Reduce = "mean") -> SplitFeatures:
+    """Encode every utterance of ``split`` through modules 0..upto; each module's output averaged over time,
+    and reduced over time as ``reduce`` says (``flatten`` needs clips of one length, as padded syllables are).
 
     Sampled features draw from one generator seeded by (seed, split), consumed in the fixed utterance
     order, so the same call gives the same numbers."""
@@ -121,15 +131,25 @@ def extract(run: Run, uri: str, split: str, upto: int, mode: FeatureMode = "mean
     gen = torch.Generator().manual_seed(derive_seed(seed, "features", split))
     utts: list[Utterance] = []
     pooled: list[list[torch.Tensor]] = [[] for _ in range(upto + 1)]
+    vectors: list[list[torch.Tensor]] = [[] for _ in range(upto + 1)]
     frames: list[list[torch.Tensor]] = [[] for _ in range(upto + 1)]
     with torch.no_grad():
         for batch in _batches(iter_utterances(uri, split, endpoint_url, cache_dir), batch_size):
             x = torch.stack([torch.from_numpy(u.audio) for u in batch]).unsqueeze(1)   # (B, 1, T)
             for m, z in enumerate(run.encode(x, upto, mode, gen)):                     # z: (B, C_m, T_m)
                 pooled[m].append(z.mean(dim=2))
+                if reduce == "max":
+                    vectors[m].append(z.amax(dim=2))
+                elif reduce == "flatten":
+                    if vectors[m] and vectors[m][0].shape[1] != z[0].numel():
+                        raise ValueError(f"{uri}: --features flatten needs clips of one length; {batch[0].id} "
+                                         f"gives {z.shape[2]} frames, earlier clips another number")
+                    vectors[m].append(z.flatten(1))
                 if keep_frames:
                     frames[m] += list(z.transpose(1, 2))
             utts += [Utterance(u.id, u.speaker, u.labels, u.audio[:0]) for u in batch]
     if not utts:
         raise ValueError(f"{uri}: split {split!r} has no utterances")
-    return SplitFeatures(utts, [torch.cat(p) for p in pooled], frames if keep_frames else None)
+    means = [torch.cat(p) for p in pooled]
+    return SplitFeatures(utts, means, means if reduce == "mean" else [torch.cat(v) for v in vectors],
+                         frames if keep_frames else None)

@@ -45,58 +45,93 @@ def tsne(features: dict[int, torch.Tensor], labels: list[str], classes: list[str
     return _save(fig, path)
 
 
-def histograms(x: torch.Tensor, path: Path, channels: int = 16, title: str = "") -> Path:
-    """Histograms of the first ``channels`` channels of (N, C) features against the N(0, 1) density."""
-    n = min(channels, x.shape[1])
-    cols = 4
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(2.6 * cols, 2.0 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).flatten()
-    grid = np.linspace(-4, 4, 200)
-    normal = np.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi)
-    for c, ax in enumerate(axes):
-        if c >= n:
-            ax.set_axis_off()
-            continue
-        ax.hist(x[:, c].numpy(), bins=30, density=True, color="tab:blue", alpha=0.7)
-        ax.plot(grid, normal, color="black", lw=1)
-        ax.set_title(f"channel {c}", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.suptitle(title or "time-averaged features per channel vs N(0, 1)")
+def histograms(features: dict[int, torch.Tensor], path: Path, title: str = "") -> Path:
+    """Per module (one row): all channels' values of (N, C) features pooled into one histogram against the
+    N(0, 1) density, and each channel's mean and std, which the pooled histogram can hide."""
+    fig = Figure(figsize=(10, 2.4 * len(features) + 0.5), layout="constrained")
+    axes = fig.subplots(len(features), 2, squeeze=False, width_ratios=(1, 1.6))
+    for (hist_ax, chan_ax), (m, x) in zip(axes, features.items()):
+        v = x.flatten().numpy()
+        lo, hi = min(-4.0, float(np.percentile(v, 0.5))), max(4.0, float(np.percentile(v, 99.5)))
+        grid = np.linspace(lo, hi, 300)
+        heights, _, _ = hist_ax.hist(v, bins=np.linspace(lo, hi, 61), density=True, color="tab:blue", alpha=0.7,
+                                     label="features")
+        top = 5 * 0.4  # five times N(0, 1)'s peak: collapsed features show as a clipped spike, the curve stays visible
+        if heights.max() > top:
+            hist_ax.set_ylim(0, top * 1.1)
+            hist_ax.text(0.98, 0.95, f"peak {heights.max():.0f} (clipped)", transform=hist_ax.transAxes, ha="right",
+                         va="top", fontsize=7)
+        hist_ax.plot(grid, np.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi), color="black", lw=1, label="N(0, 1)")
+        hist_ax.set_title(f"module {m}: all {x.shape[1]} channels", fontsize=9)
+        hist_ax.legend(fontsize=7, loc="upper left", frameon=False)
+        mean, std = x.mean(dim=0).numpy(), x.std(dim=0).numpy()
+        chan_ax.errorbar(np.arange(len(mean)), mean, yerr=std, fmt="o", ms=2, lw=0.8, capsize=0)
+        for y in (-1, 0, 1):
+            chan_ax.axhline(y, color="gray", lw=0.6, ls="-" if y == 0 else "--")
+        chan_ax.set_title(f"module {m}: mean ± std per channel (N(0, 1): 0 ± 1)", fontsize=9)
+        chan_ax.set_xlabel("channel", fontsize=8)
+        for ax in (hist_ax, chan_ax):
+            ax.tick_params(labelsize=7)
+    fig.suptitle(title or "time-averaged test features vs N(0, 1)", fontsize=10)
     return _save(fig, path)
 
 
-def weight_heatmap(weight: list[list[float]], classes: list[str], path: Path, title: str = "") -> Path:
-    """A probe's weights as channel x class: which channel votes for which class (e.g. vowel)."""
-    w = np.array(weight).T                                                  # (C, classes)
-    fig = Figure(figsize=(1.2 + 0.6 * len(classes), 1.5 + 0.12 * len(w)), layout="constrained")
-    ax = fig.subplots()
-    lim = np.abs(w).max() or 1.0
-    im = ax.imshow(w, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_ylabel("channel")
-    fig.colorbar(im, ax=ax)
-    ax.set_title(title or "probe weights")
+def weight_heatmaps(weights: dict[int, list[list[float]]], classes: list[str], path: Path, title: str = "") -> Path:
+    """Probe weights as channel x class, one panel per module: which channel votes for which class (vowel)."""
+    fig = Figure(figsize=(1.6 + 2.2 * len(weights), 1.6 + 0.1 * max(len(w[0]) for w in weights.values())),
+                 layout="constrained")
+    axes = fig.subplots(1, len(weights), squeeze=False)[0]
+    for ax, (m, weight) in zip(axes, weights.items()):
+        w = np.array(weight).T                                              # (C, classes)
+        lim = np.abs(w).max() or 1.0
+        im = ax.imshow(w, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_ylabel("channel", fontsize=8)
+        ax.set_title(f"module {m}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title or "probe weights, channel x class", fontsize=9)
     return _save(fig, path)
 
 
 def accuracy_by_module(table: dict[str, dict[int, tuple[float, float]]], path: Path, title: str,
-                       chance: float | None = None) -> Path:
-    """Grouped bars: accuracy (mean, std) per module, one bar per run or group of runs."""
+                       chance: float | None = None, majority: float | None = None,
+                       hatched: tuple[str, ...] = ()) -> Path:
+    """Grouped bars: accuracy (mean, std) per module, one bar per run or group of runs (``hatched`` ones, such
+    as step-0 baselines, drawn lighter). The legend sits outside the axes, so it never covers a bar."""
     modules = sorted({m for row in table.values() for m in row})
-    fig = Figure(figsize=(1.5 + 1.3 * len(modules) * max(1, len(table)) / 2, 3.5), layout="constrained")
+    fig = Figure(figsize=(3.5 + 0.35 * len(modules) * max(1, len(table)), 3.5), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(1, len(table))
     for j, (label, row) in enumerate(table.items()):
         xs = [modules.index(m) + j * width for m in row]
-        ax.bar(xs, [v[0] for v in row.values()], width, yerr=[v[1] for v in row.values()], capsize=3, label=label)
+        style = {"hatch": "//", "alpha": 0.45} if label in hatched else {}
+        ax.bar(xs, [v[0] for v in row.values()], width, yerr=[v[1] for v in row.values()], capsize=3, label=label,
+               **style)
     if chance is not None:
-        ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
+        ax.axhline(chance, color="gray", ls="--", lw=1, label="chance (uniform)")
+    if majority is not None and majority != chance:
+        ax.axhline(majority, color="gray", ls=":", lw=1, label="majority class")
     ax.set_xticks([i + width * (len(table) - 1) / 2 for i in range(len(modules))], [f"module {m}" for m in modules])
     ax.set_ylim(0, 1)
     ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8)
-    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def probe_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
+    """Probe accuracy against the training step (from step 0), one line per module."""
+    fig = Figure(figsize=(6.5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    for label, points in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("probe accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
@@ -111,8 +146,8 @@ def few_label_curves(curves: dict[str, dict[str, tuple[float, float]]], path: Pa
     ax.set_xscale("log", base=2)
     ax.set_xlabel("labelled examples per class")
     ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=7)
-    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 

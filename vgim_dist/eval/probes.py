@@ -1,9 +1,15 @@
-"""Linear probes on frozen features (SPEC 6): how much of a label a module's output makes linearly readable.
+"""Linear probes on frozen features (docs/method.md): how much of a label a module's output makes linearly
+readable.
 
-One Linear layer on a module's output averaged over time (per frame for phones), cross-entropy, Adam,
-a fixed number of epochs over the train split, then accuracy on the whole test split in its fixed order.
-Every random choice (probe initialisation, batch order, few-label subsets, sampled features) comes from
-a seed derived from (seed, task, module, repeat), so a probe run repeats exactly on the CPU.
+One Linear layer on a module's output, cross-entropy, Adam, a fixed number of epochs over the train split,
+then accuracy on the whole test split in its fixed order. Two protocols:
+- the default (the published code's): the output averaged over time (per frame for phones), the splits as
+  the shards give them;
+- the thesis's table: syllables from the flattened C x T output, vowels max-pooled over time without a
+  bias, 100 epochs, a fresh 80/20 reshuffle of train + test for every repeat.
+Every random choice (probe initialisation, batch order, reshuffles, few-label subsets, sampled features)
+comes from a seed derived from (seed, task, module, repeat), so a probe run repeats exactly on the CPU.
+Every result also probes the encoder as initialised (step 0), so a reader sees what training bought.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -34,14 +41,31 @@ FEW_LABELS = tuple(2 ** k for k in range(8))  # 1, 2, 4, ... 128 labelled exampl
 log = logging.getLogger(__name__)
 
 
+Split = Literal["given", "reshuffle"]
+
+
 @dataclass
 class ProbeSettings:
-    """SPEC 6 defaults; phones use lr 1e-4 unless set."""
+    """The default protocol (docs/method.md); phones use lr 1e-4 unless set."""
 
     epochs: int = 50
     lr: float = 1e-3
     batch_size: int = 64
     standardize: bool = False  # z-score each channel with train-split statistics before the probe
+    features: Literal["pooled", "flatten"] = "pooled"  # flatten: the C x T output, no pooling
+    pool: Literal["mean", "max"] = "mean"  # over time, for pooled features
+    bias: bool = True
+    split: Split = "given"  # reshuffle: a fresh 80/20 split of train + test per repeat
+
+    @property
+    def reduce(self) -> str:
+        return "flatten" if self.features == "flatten" else self.pool
+
+    def protocol(self) -> str:
+        """One line that a results table prints beside every number."""
+        shape = "flattened C x T" if self.features == "flatten" else f"{self.pool} over time"
+        return (f"{shape}, {'' if self.bias else 'no '}bias, {'z-scored' if self.standardize else 'raw'}, "
+                f"{self.epochs} epochs, lr {self.lr:g}")
 
 
 def standardize(xtr: torch.Tensor, xte: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +125,7 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, s: ProbeSettin
     """A Linear(D -> n_classes) fitted to (x (N, D), y (N,)) with Adam and cross-entropy, seeded."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "init"))
-        probe = nn.Linear(x.shape[1], n_classes)
+        probe = nn.Linear(x.shape[1], n_classes, bias=s.bias)
     order = torch.Generator().manual_seed(derive_seed(seed, "order"))
     opt = torch.optim.Adam(probe.parameters(), lr=s.lr)
     for _ in range(s.epochs):
@@ -146,17 +170,73 @@ def default_modules(run: Run, task: str) -> list[int]:
     return grus
 
 
+def data_name(uri: str) -> str:
+    """The short name of a data set in result names: its folder's name."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", uri.rstrip("/").rsplit("/", 1)[-1]) or "data"
+
+
+def result_name(task: str, data: str, mode: FeatureMode, s: ProbeSettings) -> str:
+    """``probe-<task>[-<protocol options>].<data set>``: probes of two data sets or protocols never share a file."""
+    options = [s.features if s.features == "flatten" else "", s.pool if s.pool != "mean" else "",
+               "" if s.bias else "nobias", s.split if s.split != "given" else "", "sample" if mode == "sample" else "",
+               "standardized" if s.standardize else ""]
+    return "-".join([f"probe-{task}", *filter(None, options)]) + f".{data_name(data)}"
+
+
+def _rows(task: str, feats: SplitFeatures, m: int, classes: list[str], uri: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if feats.frames is not None:
+        return frame_rows(feats, m, uri)
+    return feats.vectors[m], utterance_targets(task, feats, classes, uri)
+
+
+def _splits(train: tuple, test: tuple, s: ProbeSettings, seed: int, repeat: int) -> tuple:
+    """(xtr, ytr, xte, yte) for one repeat: the given split, or a fresh 80/20 reshuffle of both together."""
+    if s.split == "given":
+        return (*train, *test)
+    x, y = torch.cat([train[0], test[0]]), torch.cat([train[1], test[1]])
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(derive_seed(seed, "reshuffle", repeat)))
+    n_test = round(0.2 * len(x))
+    return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
+
+
+def _probe_module(task: str, m: int, train: SplitFeatures, test: SplitFeatures, classes: list[str], uri: str,
+                  s: ProbeSettings, repeats: int, seed: int, few_labels: bool) -> dict:
+    """Accuracy over ``repeats`` probes of module ``m``, and what a reader needs to judge it."""
+    given = _rows(task, train, m, classes, uri), _rows(task, test, m, classes, uri)
+    if given[0][0].shape[1] != given[1][0].shape[1]:
+        raise ValueError(f"{uri}: train and test features of module {m} differ in size "
+                         f"({given[0][0].shape[1]} vs {given[1][0].shape[1]}); flattened features need one clip length")
+    accs, entry = [], {}
+    for r in range(repeats):
+        xtr, ytr, xte, yte = _splits(*given, s, seed, r)
+        if s.standardize:
+            xtr, xte = standardize(xtr, xte)
+        keep = yte >= 0  # test-only speakers cannot be predicted by a probe that never saw them
+        xte, yte = xte[keep], yte[keep]
+        probe = train_probe(xtr, ytr, len(classes), s, derive_seed(seed, "probe", task, m, r))
+        accs.append(accuracy(probe, xte, yte))
+        if r == 0:
+            counts = torch.bincount(yte, minlength=len(classes))
+            entry = {"n_train": len(xtr), "n_test": len(xte), "n_test_unseen_label": int((~keep).sum()),
+                     "chance_uniform": 1 / len(classes), "chance_majority": counts.max().item() / len(yte),
+                     "dim": xtr.shape[1], "weight": probe.weight.detach().tolist()}  # (classes, D): vowel heat map
+            if few_labels:
+                entry["few_labels"] = _few_label_curve(xtr, ytr, xte, yte, len(classes), s, repeats, seed, task, m)
+    return {"accuracy": _stats(accs), **entry}
+
+
 def probe_run(run_dir: str, task: Task, data: str, modules: list[int] | None = None, repeats: int = 1,
               mode: FeatureMode = "mean", settings: ProbeSettings | None = None, few_labels: bool = False,
               seed: int = 0, step: int | None = None, train_split: str = "train", test_split: str = "test",
-              track: bool = True) -> dict:
-    """Probe ``task`` on the shards at ``data`` for each module; results as JSON in ``<run>/eval/`` (and MLflow)."""
+              track: bool = True, baseline: bool = True, save: bool = True) -> dict:
+    """Probe ``task`` on the shards at ``data`` for each module, and (``baseline``) the same probes on the
+    encoder as initialised; results as JSON in ``<run>/eval/<result_name>.json`` (``save``) and MLflow."""
     if task not in TASKS:
         raise ValueError(f"task {task!r}: expected one of {list(TASKS)}")
     if repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
-    if task == "phones" and few_labels:
-        raise ValueError("few-label curves are per utterance; the phone probe is per frame")
+    if task == "phones" and (few_labels or (settings and (settings.features, settings.split) != ("pooled", "given"))):
+        raise ValueError("the phone probe is per frame: no few-label curves, flattening or reshuffling")
     settings = settings or ProbeSettings(lr=1e-4 if task == "phones" else 1e-3)
     started = time.monotonic()
     run = load_run(run_dir, step)
@@ -168,51 +248,42 @@ def probe_run(run_dir: str, task: Task, data: str, modules: list[int] | None = N
                              f"{PHONE_HOP} samples (10 ms)")
     upto, frames = max(modules), task == "phones"
     endpoint = run.cfg.data.endpoint_url
-    train = extract(run, data, train_split, upto, mode, seed, frames, endpoint_url=endpoint)
-    test = extract(run, data, test_split, upto, mode, seed, frames, endpoint_url=endpoint)
+    encoders = {"trained": run} | ({"step0": load_run(run_dir, 0)} if baseline and run.step != 0 else {})
+    feats = {k: [extract(r, data, split, upto, mode, seed, frames, endpoint_url=endpoint, reduce=settings.reduce)
+                 for split in (train_split, test_split)] for k, r in encoders.items()}
+    train, test = feats["trained"]
     classes = classes_for(task, train, data)
+    rule = split_rule(data, endpoint)
 
-    result = {"task": task, "run_dir": run_dir, "checkpoint_step": run.step, "data": data,
-              "split_rule": split_rule(data, endpoint), "train_split": train_split, "test_split": test_split,
+    result = {"task": task, "run_dir": run_dir, "checkpoint_step": run.step, "data": data, "split_rule": rule,
+              "split": f"{rule}: " + ("80/20 reshuffle of train + test, fresh per repeat" if settings.split == "reshuffle"
+                                      else f"{train_split} / {test_split} as prepared"),
+              "protocol": settings.protocol(), "train_split": train_split, "test_split": test_split,
               "features": mode, "classes": classes, "settings": asdict(settings), "repeats": repeats,
               "seed": seed, "modules": {}}
     for m in modules:
-        if frames:
-            (xtr, ytr), (xte, yte) = frame_rows(train, m, data), frame_rows(test, m, data)
-        else:
-            xtr, ytr = train.pooled[m], utterance_targets(task, train, classes, data)
-            xte, yte = test.pooled[m], utterance_targets(task, test, classes, data)
-        if settings.standardize:
-            xtr, xte = standardize(xtr, xte)
-        keep = yte >= 0  # test-only speakers cannot be predicted by a probe that never saw them
-        xte, yte = xte[keep], yte[keep]
-        counts = torch.bincount(yte, minlength=len(classes))
-        accs, weight = [], None
-        for r in range(repeats):
-            probe = train_probe(xtr, ytr, len(classes), settings, derive_seed(seed, "probe", task, m, r))
-            accs.append(accuracy(probe, xte, yte))
-            weight = weight if weight is not None else probe.weight.detach()
-        entry = {"accuracy": _stats(accs), "n_train": len(xtr), "n_test": len(xte),
-                 "n_test_unseen_label": int((~keep).sum()), "chance_uniform": 1 / len(classes),
-                 "chance_majority": counts.max().item() / len(yte), "dim": xtr.shape[1],
-                 "weight": weight.tolist()}  # (classes, C) of the first repeat: the vowel heat map
-        if few_labels:
-            entry["few_labels"] = _few_label_curve(xtr, ytr, xte, yte, len(classes), settings, repeats, seed, task, m)
+        entry = _probe_module(task, m, train, test, classes, data, settings, repeats, seed, few_labels)
+        if "step0" in feats:
+            entry["step0"] = {"accuracy": _probe_module(task, m, *feats["step0"], classes, data, settings, repeats,
+                                                        seed, False)["accuracy"]}
         result["modules"][str(m)] = entry
-        log.info("probe %s module %d: accuracy %.3f +- %.3f over %d repeats (%d test %s)", task, m,
-                 entry["accuracy"]["mean"], entry["accuracy"]["std"], repeats, len(xte),
-                 "frames" if frames else "utterances")
+        log.info("probe %s module %d: accuracy %.3f +- %.3f over %d repeats (%d test %s)%s", task, m,
+                 entry["accuracy"]["mean"], entry["accuracy"]["std"], repeats, entry["n_test"],
+                 "frames" if frames else "utterances",
+                 f"; step 0: {entry['step0']['accuracy']['mean']:.3f}" if "step0" in entry else "")
     result["seconds"] = round(time.monotonic() - started, 2)
+    if not save:
+        return result
 
-    name = f"probe-{task}" + ("-sample" if mode == "sample" else "") + ("-standardized" if settings.standardize else "")
+    name = result_name(task, data, mode, settings)
     out = eval_dir(run_dir)
     json_path = out / f"{name}.json"
     json_path.write_text(json.dumps(result, indent=1))
     if not frames:
         (out / f"features-{name}.safetensors").write_bytes(_features_blob(test, modules, task, classes, data))
     if track:
-        metrics = {f"{name}.m{m}.accuracy_{k}": e["accuracy"][k] for m, e in result["modules"].items()
-                   for k in ("mean", "std")}
+        metrics = {f"{name}.m{m}.{prefix}accuracy_{k}": part["accuracy"][k] for m, e in result["modules"].items()
+                   for prefix, part in (("", e), ("step0_", e.get("step0"))) if part for k in ("mean", "std")}
         log_evaluation(run_dir, name, metrics, [json_path])
     return result
 

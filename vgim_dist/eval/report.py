@@ -13,8 +13,10 @@ over a group's seeds of each run's mean probe accuracy.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -97,16 +99,53 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def comparison(groups: dict[str, list[RunResults]], probe: str) -> dict[str, dict[int, tuple[float, float, int]]]:
-    """Group -> module -> (mean, std over runs of each run's mean accuracy, runs)."""
+    """Group -> module -> (mean, std over runs of each run's mean accuracy, runs); each group is followed by
+    ``<group> step 0``, the same probes on its runs' encoders as initialised, where the results have them."""
     table = {}
     for label, rs in groups.items():
-        per_module: dict[int, list[float]] = {}
-        for r in rs:
-            for m, e in r.probes.get(probe, {}).get("modules", {}).items():
-                per_module.setdefault(int(m), []).append(e["accuracy"]["mean"])
-        if per_module:
-            table[label] = {m: (*_mean_std(v), len(v)) for m, v in sorted(per_module.items())}
+        for row, part in ((label, lambda e: e), (f"{label} step 0", lambda e: e.get("step0"))):
+            per_module: dict[int, list[float]] = {}
+            for r in rs:
+                for m, e in r.probes.get(probe, {}).get("modules", {}).items():
+                    if part(e):
+                        per_module.setdefault(int(m), []).append(part(e)["accuracy"]["mean"])
+            if per_module:
+                table[row] = {m: (*_mean_std(v), len(v)) for m, v in sorted(per_module.items())}
     return table
+
+
+# The thesis's results table (syllables: modules 1 and 2 there, 0 and 1 here; mean ± std over its runs, as
+# fractions). Its vowel figure names no module. Shown beside runs of the thesis architecture.
+PUBLISHED = {"syllables": {"GIM": {0: (0.5368, 0.0182), 1: (0.3009, 0.0187)},
+                           "V-GIM": {0: (0.5078, 0.0187), 1: (0.4170, 0.0154)}},
+             "vowels": {"V-GIM": {-1: (0.8538, float("nan"))}}}
+THESIS_CONFIGS = ("gim-thesis.yaml", "vgim-thesis.yaml")
+
+
+def _architecture(cfg: Config) -> dict:
+    d = to_dict(cfg)["model"]
+    for k in ("variational", "kld_weight"):
+        d.pop(k)
+    return d
+
+
+@functools.cache
+def _thesis_architecture() -> str | None:
+    """The shipped thesis configs' model section (they differ only in the variational part), if present."""
+    folder = Path(__file__).resolve().parents[2] / "configs"
+    if not (folder / THESIS_CONFIGS[0]).is_file():
+        return None
+    return json.dumps(_architecture(load_config(folder / THESIS_CONFIGS[0])), sort_keys=True)
+
+
+def is_thesis(cfg: Config) -> bool:
+    return json.dumps(_architecture(cfg), sort_keys=True) == _thesis_architecture()
+
+
+def published_rows(task: str, groups: dict[str, list[RunResults]]) -> dict[str, dict[int, tuple[float, float]]]:
+    """The thesis's figures for ``task``, for each method that a group of thesis-architecture runs has."""
+    methods = {method(rs[0].cfg) for rs in groups.values() if is_thesis(rs[0].cfg)}
+    return {f"{k} (thesis, published)": v for k, v in PUBLISHED.get(task, {}).items() if k in methods}
 
 
 # --------------------------------------------------------------------------------------------- HTML
@@ -122,7 +161,9 @@ def _img(path: Path) -> str:
 
 
 def _audio(path: Path) -> str:
-    return f'<audio controls src="data:audio/wav;base64,{base64.b64encode(path.read_bytes()).decode()}"></audio>'
+    seconds = sf.info(str(path)).duration
+    return (f'<audio controls preload="auto" src="data:audio/wav;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+            f'</audio> <span class="note">{seconds:.2f} s</span>')
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -131,8 +172,11 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:.3f} ± {std:.3f}"
+def _pm(mean: float, std: float, n: int) -> str:
+    """``mean ± std``, or ``mean (n = 1)`` where there is nothing to take a std over."""
+    if math.isnan(std):
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f} (n = 1)"
 
 
 def _runs_section(runs: list[RunResults]) -> str:
@@ -147,36 +191,55 @@ def _runs_section(runs: list[RunResults]) -> str:
 
 
 def _comparison_section(groups: dict[str, list[RunResults]], runs: list[RunResults], plot_dir: Path) -> tuple[str, str]:
-    """HTML and Markdown of the probe comparison: per probe, a group x module table and a bar chart."""
+    """HTML and Markdown of the probe comparison: per probe, a group x module table (with step-0 rows, and the
+    thesis's figures for thesis-architecture runs) and a bar chart."""
     probes = sorted({p for r in runs for p in r.probes})
     parts, md = ["<h2>Probe accuracy</h2>"], []
     for probe in probes:
         table = comparison(groups, probe)
         first = next(r.probes[probe] for r in runs if probe in r.probes)
         modules = sorted({m for row in table.values() for m in row})
-        chance = first["modules"][str(modules[0])]["chance_uniform"]
-        scaled = ", z-scored per channel" if first["settings"].get("standardize") else ", raw"
+        e0 = first["modules"][str(modules[0])]
+        chance, majority = e0["chance_uniform"], e0["chance_majority"]
+        protocol = first.get("protocol", "mean over time, bias, "
+                             + ("z-scored" if first["settings"].get("standardize") else "raw"))
+        split = first.get("split", f"{first['split_rule']}: {first['train_split']} / {first['test_split']}")
+        published = published_rows(first["task"], groups)
         header = ["group", "runs", *[f"module {m}" for m in modules]]
-        rows = [[g, max(v[2] for v in row.values()), *[_pm(*row[m][:2]) if m in row else "" for m in modules]]
+        rows = [[g, max(v[2] for v in row.values()), *[_pm(*row[m]) if m in row else "" for m in modules]]
                 for g, row in table.items()]
-        parts.append(f"<h3>{html.escape(probe)}</h3><p class='note'>test accuracy, mean ± std over a group's runs "
-                     f"of each run's mean over {first['repeats']} probe repeats; data {html.escape(first['data'])} "
-                     f"(split {html.escape(first['split_rule'])}, {first['modules'][str(modules[0])]['n_test']} "
-                     f"test items, features: {first['features']}{scaled}); chance {chance:.3f}</p>" + _table(header, rows))
-        md += [f"### {probe}", "", f"data {first['data']} (split {first['split_rule']}), features {first['features']}{scaled}, "
-               f"chance {chance:.3f}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for g, row in published.items():
+            rows.append([g, "", *[_pm(*row[m], 2) if m in row else "" for m in modules]])
+            if -1 in row:
+                rows[-1].append(f"{row[-1][0]:.3f} (module not given)")
+        note = (f"test accuracy, mean ± std over a group's runs of each run's mean over {first['repeats']} probe "
+                f"repeats (n = runs); 'step 0' rows: the same probes on the encoders as initialised. Protocol: "
+                f"{protocol}, latent {first['features']}. Split: {split}, {e0['n_test']} test items. Data "
+                f"{first['data']}. Chance {chance:.3f} (uniform), {majority:.3f} (majority class).")
+        if published:
+            note += (" Published rows: the thesis's table (its protocol: flattened C x T syllables, max-pooled "
+                     "vowels without bias, 80/20 reshuffle); comparable only to runs probed the same way.")
+        parts.append(f"<h3>{html.escape(probe)}</h3><p class='note'>{html.escape(note)}</p>" + _table(header, rows))
+        md += [f"### {probe}", "", note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
         bars = {g: {m: v[:2] for m, v in row.items()} for g, row in table.items()}
-        parts.append(_img(plots.accuracy_by_module(bars, plot_dir / f"{probe}-accuracy.png", probe, chance)))
+        parts.append(_img(plots.accuracy_by_module(bars, plot_dir / f"{probe}-accuracy.png", probe, chance, majority,
+                                                   hatched=tuple(g for g in bars if g.endswith(" step 0")))))
         curves = {f"{r.name} m{m}": {n: (c["mean"], c["std"]) for n, c in e["few_labels"].items()}
                   for r in runs for m, e in r.probes.get(probe, {}).get("modules", {}).items() if "few_labels" in e}
         if curves:
             parts.append(_img(plots.few_label_curves(curves, plot_dir / f"{probe}-few-labels.png",
                                                      f"{probe}: few labels")))
-        per_run = [[r.name, r.group, *[_pm(r.probes[probe]["modules"][str(m)]["accuracy"]["mean"],
-                                           r.probes[probe]["modules"][str(m)]["accuracy"]["std"])
-                                       if str(m) in r.probes[probe]["modules"] else "" for m in modules]]
-                   for r in runs if probe in r.probes]
+        per_run = []
+        for r in runs:
+            if probe not in r.probes:
+                continue
+            ms = r.probes[probe]["modules"]
+            for label, part in (("", lambda e: e), (" step 0", lambda e: e.get("step0"))):
+                cells = [_pm(a["mean"], a["std"], len(a["values"])) if str(m) in ms and (a := (part(ms[str(m)]) or {})
+                         .get("accuracy")) else "" for m in modules]
+                if any(cells):
+                    per_run.append([r.name + label, r.group, *cells])
         parts.append("<details><summary>per run (mean ± std over probe repeats)</summary>"
                      + _table(["run", "group", *[f"module {m}" for m in modules]], per_run) + "</details>")
     if not probes:
@@ -199,6 +262,17 @@ def _features(r: RunResults) -> tuple[dict[int, torch.Tensor], list[str], list[s
     return feats, json.loads(meta["labels"]), json.loads(meta["classes"])
 
 
+def _probe_curves(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``probe.<task>.module.<i>`` values in metrics.jsonl rows: task -> "module i" -> [(step, accuracy)]."""
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for row in rows:
+        for k, v in row.items():
+            if k.startswith("probe.") and k.count(".") == 3:
+                _, task, _, i = k.split(".")
+                curves.setdefault(task, {}).setdefault(f"module {i}", []).append((row["step"], v))
+    return {t: {m: sorted(p) for m, p in sorted(c.items())} for t, c in curves.items()}
+
+
 def _run_section(r: RunResults, tsne: bool) -> str:
     out = eval_dir(str(r.dir)) / "plots"
     parts = [f"<h2>{html.escape(r.name)} <span class='note'>({html.escape(r.group)}, seed {r.cfg.seed})</span></h2>"]
@@ -210,14 +284,20 @@ def _run_section(r: RunResults, tsne: bool) -> str:
         x, labels, classes = feats
         if tsne:
             parts.append("<h3>t-SNE</h3>" + _img(plots.tsne(x, labels, classes, out / "tsne.png")))
-        parts.append("<h3>Feature histograms</h3>" + "".join(
-            _img(plots.histograms(v, out / f"histograms-module-{m}.png", title=f"module {m}: time-averaged "
-                                  "test features per channel vs N(0, 1)")) for m, v in x.items()))
-    for name, p in r.probes.items():
-        if name.startswith("probe-vowels"):
-            parts.append("<h3>Vowel probe weights</h3>" + "".join(
-                _img(plots.weight_heatmap(e["weight"], p["classes"], out / f"{name}-weights-module-{m}.png",
-                                          f"{name}, module {m}: channel x vowel")) for m, e in p["modules"].items()))
+        parts.append("<h3>Feature histograms</h3>" + _img(plots.histograms(
+            x, out / "histograms.png", title="time-averaged test features vs N(0, 1)")))
+    vowels = [(n, p) for n, p in r.probes.items() if n.startswith("probe-vowels")
+              and all(e["dim"] <= 512 for e in p["modules"].values())]  # not flattened C x T
+    if vowels:
+        parts.append("<h3>Vowel probe weights</h3>" + "".join(
+            _img(plots.weight_heatmaps({int(m): e["weight"] for m, e in p["modules"].items()}, p["classes"],
+                                       out / f"{name}-weights.png", f"{name}: channel x vowel"))
+            for name, p in vowels))
+    if curves := _probe_curves(history.rows):
+        parts.append("<h3>Probes while training</h3><p class='note'>accuracy of the background evaluator's probes "
+                     "(eval.every) against the training step, from the encoder as initialised</p>" + "".join(
+                         _img(plots.probe_curves(c, out / f"probe-curve-{task}.png", f"{task} probe during training"))
+                         for task, c in curves.items()))
     for name, d in r.decoders.items():
         base = r.dir / "eval" / name
         parts.append(f"<h3>Decoder {html.escape(name)}</h3><p class='note'>{d['steps']} steps, loss {d['loss']}, "

@@ -50,8 +50,9 @@ class StopFlag:
 
 
 class PipelineRunner:
-    def __init__(self, cfg: Config, stage_refs: list[StageRef | None] | None = None):
+    def __init__(self, cfg: Config, stage_refs: list[StageRef | None] | None = None, monitor=None):
         self.cfg = cfg
+        self.monitor = monitor  # unstarted `ProbeMonitor` (eval.every): the worker that logs rows starts it
         self.stage_refs = stage_refs or [None] * len(cfg.stage_modules())   # MLflow run per stage, if tracked
         self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
 
@@ -86,7 +87,8 @@ class PipelineRunner:
         stop = StopFlag.remote()
         trainer = TorchTrainer(
             train_stage,
-            train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs},
+            train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs,
+                               "monitor": self.monitor},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
             run_config=RunConfig(
                 # A new Ray Train run per invocation: where to start is read from run.dir, never from Ray

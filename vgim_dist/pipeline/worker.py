@@ -148,7 +148,7 @@ class Window:
 class StageWorker:
     """One worker: replica ``replica`` of stage ``stage``. World ranks run stage by stage, replicas adjacent."""
 
-    def __init__(self, cfg: Config, stop: ray.ObjectRef, stage_refs: list[StageRef | None]):
+    def __init__(self, cfg: Config, stop: ray.ObjectRef, stage_refs: list[StageRef | None], monitor=None):
         ctx = ray.train.get_context()
         self.cfg, self.rank = cfg, ctx.get_world_rank()
         reps = cfg.stage_replicas()
@@ -192,6 +192,8 @@ class StageWorker:
             self.names = [n for t in range(s + 1) for n in metric_names(cfg, t)]
             self.metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
             self.metrics.resume(self.start)
+        # The background evaluator (eval.every) reports to the worker that writes the metrics rows.
+        self.monitor = monitor.start("ray") if monitor and self.metrics else None
 
     def _peers(self, neighbour_first: int, neighbour_replicas: int, own_replicas: int) -> list[int]:
         """World ranks of the neighbour stage this worker exchanges with: its replica twin when both sides have
@@ -250,7 +252,14 @@ class StageWorker:
             self.output.close()
         if step != last_saved or step == 0:
             self._checkpoint(step)
+        if self.monitor:
+            self._add_probes(self.monitor.close())
+            self.metrics.flush()
         self.tracking.close()
+
+    def _add_probes(self, results: list) -> None:
+        for step, values in results:
+            self.metrics.add(step, values)
 
     def _log(self, step: int, vector: torch.Tensor) -> None:
         row = dict(zip(self.names, vector.tolist()))
@@ -258,12 +267,16 @@ class StageWorker:
         row["windows_per_s"] = self.cfg.data.batch_size / step_time
         row["step_time_s"] = step_time
         self.metrics.record(step, row)
+        if self.monitor:
+            self._add_probes(self.monitor.results())
 
     def _checkpoint(self, step: int) -> None:
         self.checkpoints.save_stage(self.stage, step)
         if self.metrics:
             self.metrics.flush()
         dist.barrier(group=self.control)    # every stage has written `step`
+        if self.monitor:
+            self.monitor.committed(step)  # rank 0 commits it next; the evaluator waits for the commit
         if self.rank != 0:
             ray.train.report({"step": step})
             return
@@ -279,4 +292,4 @@ class StageWorker:
 
 def train_stage(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``."""
-    StageWorker(config["cfg"], config["stop"], config["stage_refs"]).run()
+    StageWorker(config["cfg"], config["stop"], config["stage_refs"], config.get("monitor")).run()

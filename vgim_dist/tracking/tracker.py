@@ -210,6 +210,14 @@ class RunTracker:
         return StageRef(self.uri, self.stage_ids[stage], stage, t.flush_every, t.retries,
                         t.system_metrics and own_process)
 
+    def parent_ref(self) -> StageRef | None:
+        """The parent run as a `StageRef`, for what belongs to the whole job (the background evaluator's
+        probes); None when tracking is off."""
+        if not self.enabled:
+            return None
+        t = self.cfg.tracking
+        return StageRef(self.uri, self.parent_id, -1, t.flush_every, t.retries, False)
+
     def finish(self, summary: dict) -> None:
         """Log loss curves, summary.json and the encoder of the latest checkpoint (registered under
         tracking.model_name), then end the runs. A failure here is a warning: the run itself is complete."""

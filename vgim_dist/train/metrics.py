@@ -33,6 +33,10 @@ class MetricsLog:
         self.stream.flush()
         return row
 
+    def add(self, step: int, values: dict[str, float]) -> None:
+        """A row that belongs to an earlier step (the background evaluator's probes): kept, not printed."""
+        self.rows.append({"step": step, **values})
+
     def flush(self) -> None:
         write_bytes(self.fs, self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
 

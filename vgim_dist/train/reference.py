@@ -32,7 +32,8 @@ class ReferenceRunner:
     metrics: MetricsLog
     loggers: list[StageLogger]      # one per stage (MLflow child runs); none without tracking
 
-    def __init__(self, cfg: Config, device: torch.device, loggers: list[StageLogger] | None = None):
+    def __init__(self, cfg: Config, device: torch.device, loggers: list[StageLogger] | None = None,
+                 monitor=None):
         self.cfg = cfg
         self._own_group = False
         if cfg.stage.engine == "deepspeed":
@@ -44,6 +45,7 @@ class ReferenceRunner:
         self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
         self.metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
         self.loggers = loggers or []
+        self.monitor = monitor  # background probes of committed checkpoints (eval.every), or None
         self._stop = False
 
     def restore(self, resume: bool) -> int:
@@ -60,7 +62,14 @@ class ReferenceRunner:
         for stage in self.stages:
             self.checkpoints.save_stage(stage, step)
         self.checkpoints.commit(step, [i for s in self.stages for i in s.module_ids])
+        if self.monitor:
+            self.monitor.committed(step)
+            self._add_probes(self.monitor.results())
         self.metrics.flush()
+
+    def _add_probes(self, results: list) -> None:
+        for step, values in results:
+            self.metrics.add(step, values)
 
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
@@ -82,6 +91,8 @@ class ReferenceRunner:
                     values["windows_per_s"] = window_steps * cfg.data.batch_size / elapsed
                     values["step_time_s"] = elapsed / window_steps
                     row = self.metrics.record(step, values)
+                    if self.monitor:
+                        self._add_probes(self.monitor.results())
                     for stage, logger in zip(self.stages, self.loggers):
                         logger.log(step, stage_metrics(row, stage.module_ids))
                     window_t, window_steps = time.perf_counter(), 0
@@ -90,6 +101,9 @@ class ReferenceRunner:
                     last_saved = step
             if step != last_saved or step == 0:
                 self.save(step)
+            if self.monitor:
+                self._add_probes(self.monitor.close())
+                self.metrics.flush()
         finally:
             signal.signal(signal.SIGINT, previous)
             self.source.close()

@@ -9,6 +9,7 @@ import platform
 import torch
 
 from vgim_dist.config import Config, dump_config
+from vgim_dist.eval.monitor import ProbeMonitor
 from vgim_dist.model import describe
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking import RunTracker, StageLogger
@@ -49,17 +50,18 @@ def train(cfg: Config, resume: bool = False) -> dict:
     log.info("total %d trainable parameters", sum(r["params"] for r in rows))
 
     tracker = RunTracker.start(cfg, resume)
+    monitor = ProbeMonitor(cfg, tracker.parent_ref()) if cfg.eval.every else None
     with tracker:  # a job that raises ends its MLflow runs FAILED or KILLED instead of leaving them RUNNING
         if cfg.run.runner == "pipeline":
             from vgim_dist.pipeline.runner import PipelineRunner  # noqa: PLC0415 - Ray only when asked for
 
             refs = [tracker.stage_ref(s) for s in range(len(cfg.stage_modules()))]
-            summary = PipelineRunner(cfg, refs).run(resume)
+            summary = PipelineRunner(cfg, refs, monitor).run(resume)
         else:
             from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
 
             loggers = [StageLogger(tracker.stage_ref(s)) for s in range(len(cfg.stage_modules()))]
-            summary = ReferenceRunner(cfg, device, loggers).run(resume)
+            summary = ReferenceRunner(cfg, device, loggers, monitor and monitor.start("subprocess")).run(resume)
         summary = {"runner": cfg.run.runner, "stages": cfg.stage_modules(), **summary}
         write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
         tracker.finish(summary)
