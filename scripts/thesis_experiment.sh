@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # The published experiment as one command (docs/experiments.md): GIM and V-GIM with the thesis architecture
 # (configs/{gim,vgim}-thesis.yaml), SEEDS seeds each, trained on the words of a de Boer-format corpus; then
-# syllable and vowel probes on every module (clean syllable split; raw and z-scored features), and one
-# report comparing the methods.
+# the thesis's probes on every module (syllables: flattened C x T output; vowels: max-pooled, no bias; 100
+# epochs; a fresh 80/20 reshuffle of the syllables per repeat), on raw and on z-scored features, and one
+# report comparing the methods beside the thesis's published table.
 #
 #   scripts/thesis_experiment.sh CORPUS OUT
 #
 # CORPUS holds reshuffledv2/{train,test}/ and "split up data padded"/{train,test}/ (the de Boer layout, or
-# `vgim data synth deboer CORPUS --words 532 --takes 2` for a full-size synthetic stand-in with 851 training
-# words). Environment: SEEDS (5), STEPS (the configs' 4000), REPEATS (probe repeats per module, 5),
-# DEVICE (cpu). A finished run (summary.json present) is skipped and an interrupted one resumed, so the
-# command can simply be run again after a stop.
+# `vgim data synth deboer CORPUS --words 729 --voices 1 --second-takes 122` for a full-size synthetic
+# stand-in: 851 word recordings, 680 train / 171 test, as published). Environment: SEEDS (5), STEPS (the
+# configs' 3200), REPEATS (probe repeats per module, 5), EPOCHS (probe epochs, 100), DEVICE (cpu). A finished
+# run (summary.json present) is skipped and an interrupted one resumed, so the command can simply be run
+# again after a stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VGIM=${VGIM:-.venv/bin/vgim}
 [ $# -eq 2 ] || { echo "usage: $0 CORPUS OUT" >&2; exit 2; }
 CORPUS=$1 OUT=$2
-SEEDS=${SEEDS:-5} REPEATS=${REPEATS:-5} DEVICE=${DEVICE:-cpu}
+SEEDS=${SEEDS:-5} REPEATS=${REPEATS:-5} EPOCHS=${EPOCHS:-100} DEVICE=${DEVICE:-cpu}
 [ -d "$CORPUS/reshuffledv2" ] || { echo "$CORPUS: no reshuffledv2/ folder (not a de Boer-format corpus)" >&2; exit 2; }
 
 mkdir -p "$OUT"
@@ -36,10 +38,11 @@ for method in gim vgim; do
         --set tracking.enabled=true
       echo "thesis: trained $run in ${SECONDS}s"
     fi
-    for task in syllables vowels; do  # raw features (SPEC 6), and z-scored per channel (docs/evaluation.md)
-      for scale in "" --standardize; do
-        $VGIM eval probe "$run" --task "$task" --data "$OUT/syllables" --all --repeats "$REPEATS" --few-labels $scale
-      done
+    for scale in "" --standardize; do  # raw features (the thesis's), and z-scored per feature
+      probe=($VGIM eval probe "$run" --data "$OUT/syllables" --all --repeats "$REPEATS" --epochs "$EPOCHS"
+             --split reshuffle $scale)
+      "${probe[@]}" --task syllables --features flatten
+      "${probe[@]}" --task vowels --pool max --no-bias
     done
   done
 done

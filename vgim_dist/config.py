@@ -174,6 +174,8 @@ class Config:
             if not self.eval.data:
                 raise ConfigError("eval.data: eval.every needs shards with the probe labels, e.g. de Boer syllable "
                                   "shards (vgim data prepare --format deboer --level syllable ...)")
+            if "://" in self.run.dir:
+                raise ConfigError(f"eval.every: the evaluator reads a local run directory; run.dir is {self.run.dir}")
             for i, t in enumerate(self.eval.tasks):
                 if t not in PROBE_TASKS:
                     raise ConfigError(f"eval.tasks.{i}: expected one of {list(PROBE_TASKS)}, got {t!r}")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+import torchaudio
 
 SAMPLE_RATE = 16000
 SCALE = 32768.0  # int16 <-> float32 in [-1, 1]; the same convention soundfile uses for 16-bit PCM
@@ -19,6 +20,12 @@ class BadAudio(Exception):
 
 def to_pcm16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * SCALE), -SCALE, SCALE - 1).astype(np.int16)
+
+
+@functools.cache
+def _resampler(sr: int) -> torchaudio.transforms.Resample:
+    """The same filter as ``torchaudio.functional.resample``, its kernel built once per source rate."""
+    return torchaudio.transforms.Resample(sr, SAMPLE_RATE, dtype=torch.float32)
 
 
 def load_pcm16(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -37,7 +44,7 @@ def load_pcm16(path: Path) -> tuple[np.ndarray, list[str]]:
     x = x.mean(axis=1)
     if sr != SAMPLE_RATE:
         fixes.append("resampled")
-        x = AF.resample(torch.from_numpy(x), sr, SAMPLE_RATE).numpy()
+        x = _resampler(sr)(torch.from_numpy(x)).numpy()
         if x.shape[0] == 0:
             raise BadAudio(f"empty after resampling from {sr} Hz")
     if np.abs(x).max() > 1.0:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio
 import torchaudio.functional as AF
 
 from vgim_dist.data.readers import DEBOER_SPEAKERS, DEBOER_SYLLABLES, DEBOER_WORDS, SYLLABLES
@@ -183,9 +184,13 @@ def say(speaker: Speaker, texts: list[str], jitter: list[tuple[float, float]]) -
 # --------------------------------------------------------------------------------------------- effects
 
 
+@functools.cache
+def _resampler(sr: int, to: int) -> torchaudio.transforms.Resample:
+    return torchaudio.transforms.Resample(sr, to, dtype=torch.float32)  # the kernel built once per rate pair
+
+
 def resample(x: np.ndarray, sr: int, to: int) -> np.ndarray:
-    g = math.gcd(sr, to)
-    return AF.resample(torch.from_numpy(np.ascontiguousarray(x, np.float32)), sr // g, to // g).numpy()
+    return _resampler(sr, to)(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
 
 
 def stretch(x: np.ndarray, factor: float) -> np.ndarray:

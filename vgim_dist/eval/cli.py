@@ -60,7 +60,12 @@ def _report(a: argparse.Namespace) -> int:
 
     from vgim_dist.eval.report import build_report  # noqa: PLC0415
 
-    print(build_report(a.runs, Path(a.out) if a.out else None, tsne=not a.no_tsne, track=not a.no_mlflow))
+    out = build_report(a.runs, Path(a.out) if a.out else None, tsne=not a.no_tsne, track=not a.no_mlflow)
+    # Runs of the thesis architecture: their tables beside the thesis's published figures, here as well.
+    for section in out.with_suffix(".md").read_text().split("### ")[1:]:
+        if "(thesis, published)" in section:
+            print(f"### {section.strip()}\n")
+    print(out)
     return 0
 
 

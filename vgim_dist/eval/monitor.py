@@ -21,9 +21,9 @@ import sys
 import threading
 import time
 
-import yaml
+from pathlib import Path
 
-from vgim_dist.config import Config, dump_config, from_dict
+from vgim_dist.config import Config, load_config
 from vgim_dist.tracking.logger import StageLogger, StageRef
 
 log = logging.getLogger(__name__)
@@ -127,11 +127,12 @@ class ProbeMonitor:
 
 
 class _Subprocess:
-    """``python -m vgim_dist.eval.monitor CONFIG``: steps in on stdin, one JSON result per line out."""
+    """``python -m vgim_dist.eval.monitor RUN_DIR`` (its config.yaml): steps in on stdin, one JSON result per
+    line out."""
 
     def __init__(self, cfg: Config):
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(cfg.eval.cpus)))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "vgim_dist.eval.monitor", dump_config(cfg)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "vgim_dist.eval.monitor", cfg.run.dir],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True, name="evaluator-reader").start()
@@ -168,7 +169,7 @@ class _Actor:
         import ray  # noqa: PLC0415
 
         self.ray = ray
-        self.actor = ray.remote(num_cpus=cfg.eval.cpus)(_Evaluator).remote(dump_config(cfg))
+        self.actor = ray.remote(num_cpus=cfg.eval.cpus)(_Evaluator).remote(cfg)
         self.calls: list = []
 
     def send(self, step: int) -> None:
@@ -193,10 +194,10 @@ class _Actor:
 class _Evaluator:
     """The process that probes: the subprocess's main loop, or the Ray actor."""
 
-    def __init__(self, config_yaml: str):
+    def __init__(self, cfg: Config):
         import torch  # noqa: PLC0415
 
-        self.cfg = from_dict(Config, yaml.safe_load(config_yaml))
+        self.cfg = cfg
         torch.set_num_threads(max(1, int(self.cfg.eval.cpus)))
 
     def probe(self, step: int) -> dict:
@@ -208,7 +209,9 @@ class _Evaluator:
 
 def main() -> None:
     os.nice(10)  # training first: the evaluator gets what the trainer leaves
-    evaluator = _Evaluator(sys.argv[1])
+    cfg = load_config(Path(sys.argv[1]) / "config.yaml")
+    cfg.run.dir = sys.argv[1]  # the directory as given, not as written when training started
+    evaluator = _Evaluator(cfg)
     for line in sys.stdin:
         print(json.dumps(evaluator.probe(int(line))), flush=True)
 

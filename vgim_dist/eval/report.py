@@ -44,7 +44,7 @@ def method(cfg: Config) -> str:
 def _group_key(cfg: Config) -> str:
     """The config without what does not change the method: seed, run, tracking, checkpoints, stage split."""
     d = to_dict(cfg)
-    for k in ("seed", "run", "tracking", "checkpoint", "pipeline"):
+    for k in ("seed", "run", "tracking", "checkpoint", "pipeline", "eval"):
         d.pop(k)
     return json.dumps(d, sort_keys=True)
 
