@@ -10,22 +10,17 @@ import torch
 
 from vgim_dist.config import Config, dump_config
 from vgim_dist.model import describe
+from vgim_dist.plan.auto import resolve as resolve_plan
+from vgim_dist.train.stage import resolve_device
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking import RunTracker, StageLogger
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device: cuda requested but no CUDA device is visible")
-    return torch.device(name)
-
-
 def train(cfg: Config, resume: bool = False) -> dict:
     """Train ``cfg`` to ``run.steps`` and return the run summary (also ``<run.dir>/summary.json``)."""
+    cfg, plan = resolve_plan(cfg)       # pipeline.stages / replicas: auto -> a plan for this hardware
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     # A pipeline trains on its workers' devices (a cluster's head may have no GPU); the reference trains here.
@@ -61,6 +56,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
             loggers = [StageLogger(tracker.stage_ref(s)) for s in range(len(cfg.stage_modules()))]
             summary = ReferenceRunner(cfg, device, loggers).run(resume)
         summary = {"runner": cfg.run.runner, "stages": cfg.stage_modules(), **summary}
+        if plan:
+            summary["plan"] = plan
         write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
         tracker.finish(summary)
     return summary
