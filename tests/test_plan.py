@@ -176,7 +176,7 @@ def test_vgim_plan_command(tmp_path):
 
 
 def test_auto_is_resolved_before_the_run(tmp_path):
-    from vgim_dist.train.run import train
+    from vgim_dist.launch import train
 
     summary = train(load_config("configs/smoke.yaml", [*TINY, f"run.dir={tmp_path}", "run.steps=2",
                                                        "pipeline.stages=auto", "run.threads=1"]))
