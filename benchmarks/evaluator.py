@@ -20,7 +20,7 @@ from pathlib import Path
 from vgim_dist.config import load_config
 from vgim_dist.data.cli import main as data_main
 from vgim_dist.data.synth import synth_deboer
-from vgim_dist.train.run import train
+from vgim_dist.launch import train
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from vgim_dist.config import load_config
 from vgim_dist.data.cli import main as data_main
 from vgim_dist.data.synth import synth_deboer
 from vgim_dist.eval.probes import ProbeSettings, probe_run
-from vgim_dist.train.run import train
+from vgim_dist.launch import train
 
 # Best module's (trained - step 0) syllable accuracy, training seeds 0-4 (same corpus): filled in from a run of
 # `learning_margin` for each seed.

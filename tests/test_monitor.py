@@ -13,7 +13,7 @@ from vgim_dist.config import dump_config, load_config
 from vgim_dist.data.cli import main as data_main
 from vgim_dist.eval.monitor import ProbeMonitor
 from vgim_dist.train.reference import ReferenceRunner
-from vgim_dist.train.run import train
+from vgim_dist.launch import train
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ import torch
 
 from vgim_dist.config import Config, ConfigError, load_config
 from vgim_dist.data.loader import Utterance, iter_utterances, read_manifest
-from vgim_dist.data.source import derive_seed
 from vgim_dist.data.store import Store
-from vgim_dist.model import GreedyModule, build_module, describe
-from vgim_dist.tracking.model import Encoder, load_encoder
+from vgim_dist.model import GreedyModule, describe
+from vgim_dist.seeding import derive_seed
 from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.encoder import initial_encoder, load_encoder
 
 FeatureMode = Literal["mean", "sample"]  # mu of each Gaussian module, or one draw from N(mu, sigma^2)
 Reduce = Literal["mean", "max", "flatten"]  # over time: average, maximum, or none (the C x T output flattened)
@@ -77,7 +77,7 @@ def load_run(run_dir: str, step: int | None = None) -> Run:
     cfg.run.dir = run_dir  # the directory as given now, not as it was when training started
     steps = CheckpointManager(run_dir).steps()
     if step == 0 and 0 not in steps:
-        encoder = Encoder([build_module(cfg.model, i, cfg.seed) for i in range(len(cfg.model.modules))])
+        encoder = initial_encoder(cfg)
         encoder.requires_grad_(False)
         return Run(run_dir, cfg, 0, list(encoder.stack))
     if not steps:

@@ -25,6 +25,11 @@ class Encoder(nn.Module):
         return x
 
 
+def initial_encoder(cfg: Config) -> Encoder:
+    """The encoder as training initialises it (step 0): the same seeded build, no checkpoint."""
+    return Encoder([build_module(cfg.model, i, cfg.seed) for i in range(len(cfg.model.modules))])
+
+
 def load_encoder(cfg: Config, step: int) -> Encoder:
     """The encoder of ``cfg``'s run at checkpoint ``step``, on the CPU."""
     ckpt = CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url)
