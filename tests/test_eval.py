@@ -213,3 +213,26 @@ def test_speaker_and_phone_probes_on_librispeech_layout(setup, librispeech_dir, 
     assert e["n_test"] > 500 and e["accuracy"]["mean"] > e["chance_majority"]
     with pytest.raises(ValueError, match="module 1 has a 80-sample hop"):
         probe_run(setup["run"], "phones", shards, modules=[1], track=False)
+
+
+def test_report_prints_the_thesis_figures_beside_thesis_runs(tmp_path, capsys):
+    """A run of the thesis architecture: the report's syllable table gains the published rows, and `vgim
+    report` prints it. Results JSON as `vgim eval probe` writes them (one module pair, one repeat)."""
+    from vgim_dist.config import dump_config  # noqa: PLC0415
+
+    run = tmp_path / "vgim-seed0"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(load_config("configs/vgim-thesis.yaml")))
+    module = {"accuracy": {"mean": 0.61, "std": 0.0, "values": [0.61]}, "step0": {"accuracy": {
+        "mean": 0.32, "std": 0.0, "values": [0.32]}}, "n_train": 80, "n_test": 20, "n_test_unseen_label": 0,
+        "chance_uniform": 1 / 9, "chance_majority": 0.15, "dim": 800, "weight": [[0.0] * 800] * 9}
+    result = {"task": "syllables", "data": "syl", "split_rule": "deboer/syllable/clean", "split": "s",
+              "protocol": "flattened C x T, bias, raw, 100 epochs, lr 0.001", "features": "mean", "repeats": 1,
+              "settings": {"standardize": False}, "train_split": "train", "test_split": "test",
+              "classes": ["ba"] * 9, "modules": {"0": module, "1": module}}
+    (run / "eval" / "probe-syllables-flatten-reshuffle.syl.json").write_text(json.dumps(result))
+    assert main(["report", str(run), "--no-mlflow", "--no-tsne"]) == 0
+    out = capsys.readouterr().out
+    assert "| V-GIM (thesis, published) |  | 0.508 ± 0.019 | 0.417 ± 0.015 |" in out
+    assert "| V-GIM | 1 | 0.610 (n = 1) | 0.610 (n = 1) |" in out and "| V-GIM step 0 | 1 |" in out
+    assert "GIM (thesis, published)" not in out.replace("V-GIM (thesis", "")  # no GIM run, no GIM row

@@ -103,12 +103,12 @@ def comparison(groups: dict[str, list[RunResults]], probe: str) -> dict[str, dic
     ``<group> step 0``, the same probes on its runs' encoders as initialised, where the results have them."""
     table = {}
     for label, rs in groups.items():
-        for row, part in ((label, lambda e: e), (f"{label} step 0", lambda e: e.get("step0"))):
+        for row, key in ((label, None), (f"{label} step 0", "step0")):
             per_module: dict[int, list[float]] = {}
             for r in rs:
                 for m, e in r.probes.get(probe, {}).get("modules", {}).items():
-                    if part(e):
-                        per_module.setdefault(int(m), []).append(part(e)["accuracy"]["mean"])
+                    if part := (e.get(key) if key else e):
+                        per_module.setdefault(int(m), []).append(part["accuracy"]["mean"])
             if per_module:
                 table[row] = {m: (*_mean_std(v), len(v)) for m, v in sorted(per_module.items())}
     return table
@@ -209,9 +209,10 @@ def _comparison_section(groups: dict[str, list[RunResults]], runs: list[RunResul
         rows = [[g, max(v[2] for v in row.values()), *[_pm(*row[m]) if m in row else "" for m in modules]]
                 for g, row in table.items()]
         for g, row in published.items():
-            rows.append([g, "", *[_pm(*row[m], 2) if m in row else "" for m in modules]])
-            if -1 in row:
-                rows[-1].append(f"{row[-1][0]:.3f} (module not given)")
+            cells = [_pm(*row[m], 2) if m in row else "" for m in modules]
+            if -1 in row:  # a figure without its module: under the first column, said so
+                cells[0] = f"{row[-1][0]:.3f} (module not given)"
+            rows.append([g, "", *cells])
         note = (f"test accuracy, mean ± std over a group's runs of each run's mean over {first['repeats']} probe "
                 f"repeats (n = runs); 'step 0' rows: the same probes on the encoders as initialised. Protocol: "
                 f"{protocol}, latent {first['features']}. Split: {split}, {e0['n_test']} test items. Data "
@@ -235,9 +236,10 @@ def _comparison_section(groups: dict[str, list[RunResults]], runs: list[RunResul
             if probe not in r.probes:
                 continue
             ms = r.probes[probe]["modules"]
-            for label, part in (("", lambda e: e), (" step 0", lambda e: e.get("step0"))):
-                cells = [_pm(a["mean"], a["std"], len(a["values"])) if str(m) in ms and (a := (part(ms[str(m)]) or {})
-                         .get("accuracy")) else "" for m in modules]
+            for label, key in (("", None), (" step 0", "step0")):
+                accs = {m: (ms[str(m)].get(key) if key else ms[str(m)]) for m in modules if str(m) in ms}
+                cells = [_pm(a["accuracy"]["mean"], a["accuracy"]["std"], len(a["accuracy"]["values"]))
+                         if (a := accs.get(m)) else "" for m in modules]
                 if any(cells):
                     per_run.append([r.name + label, r.group, *cells])
         parts.append("<details><summary>per run (mean ± std over probe repeats)</summary>"
