@@ -12,7 +12,7 @@ import pytest
 
 from vgim_dist.config import dump_config, load_config
 from vgim_dist.data.cli import main as data_main
-from vgim_dist.eval.monitor import ProbeMonitor
+from vgim_dist.eval.monitor import NICE, ProbeMonitor
 from vgim_dist.train.reference import ReferenceRunner
 from vgim_dist.launch import train
 
@@ -85,8 +85,8 @@ def test_the_evaluator_is_another_process_at_lower_priority(shards, tmp_path):
     try:
         proc = monitor._backend.proc
         deadline = time.monotonic() + 60
-        while os.getpriority(os.PRIO_PROCESS, proc.pid) < os.nice(0) + 10 and time.monotonic() < deadline:
+        while os.getpriority(os.PRIO_PROCESS, proc.pid) < os.nice(0) + NICE and time.monotonic() < deadline:
             time.sleep(0.1)  # it lowers its own priority as it starts
-        assert proc.pid != os.getpid() and os.getpriority(os.PRIO_PROCESS, proc.pid) >= os.nice(0) + 10
+        assert proc.pid != os.getpid() and os.getpriority(os.PRIO_PROCESS, proc.pid) >= os.nice(0) + NICE
     finally:
         monitor._backend.stop()

@@ -29,6 +29,7 @@ from vgim_dist.tracking.logger import StageLogger, StageRef
 log = logging.getLogger(__name__)
 
 Result = tuple[int, dict[str, float]]  # (checkpoint step, {"probe.<task>.module.<i>": accuracy})
+NICE = 5  # the subprocess's niceness: a third of the trainer's CPU weight when they contend
 CHECKPOINT_WAIT_S = 120  # a pipeline's commit can trail the last stage's save by a barrier and a write
 
 
@@ -111,9 +112,10 @@ class ProbeMonitor:
     def close(self, timeout: float = 600) -> list[Result]:
         """After training: wait (at most ``timeout`` s) for the probes in flight and waiting, then stop."""
         out, deadline = [], time.monotonic() + timeout
-        while self.busy is not None and time.monotonic() < deadline:
+        while self.busy is not None and time.monotonic() < deadline and self._backend.alive():
             out += self.results()
             time.sleep(0.2)
+        out += self.results()
         if self.busy is not None:
             log.warning("evaluator: gave up waiting for the probe of step %d", self.busy)
         if self.skipped:
@@ -154,6 +156,12 @@ class _Subprocess:
             out.append((r["step"], r.get("values", {})))
         return out
 
+    def alive(self) -> bool:
+        if self.proc.poll() is None or not self.lines.empty():
+            return True
+        log.warning("evaluator: its process ended (exit code %s)", self.proc.returncode)
+        return False
+
     def stop(self) -> None:
         self.proc.stdin.close()
         try:
@@ -169,6 +177,10 @@ class _Actor:
         import ray  # noqa: PLC0415
 
         self.ray = ray
+        free = ray.available_resources().get("CPU", 0.0)
+        if free < cfg.eval.cpus:
+            log.warning("evaluator: the Ray cluster has %.1f free CPUs and eval.cpus is %g: its probes wait for a "
+                        "CPU (eval.cpus=0 lets it share the stages' CPUs)", free, cfg.eval.cpus)
         self.actor = ray.remote(num_cpus=cfg.eval.cpus)(_Evaluator).remote(cfg)
         self.calls: list = []
 
@@ -186,6 +198,9 @@ class _Actor:
                 log.warning("evaluator: step %d failed: %s", r["step"], r["error"])
             out.append((r["step"], r.get("values", {})))
         return out
+
+    def alive(self) -> bool:
+        return True  # a dead actor fails its calls, which poll() reports
 
     def stop(self) -> None:
         self.ray.kill(self.actor)
@@ -208,7 +223,7 @@ class _Evaluator:
 
 
 def main() -> None:
-    os.nice(10)  # training first: the evaluator gets what the trainer leaves
+    os.nice(NICE)  # training first: the evaluator gets what the trainer leaves
     cfg = load_config(Path(sys.argv[1]) / "config.yaml")
     cfg.run.dir = sys.argv[1]  # the directory as given, not as written when training started
     evaluator = _Evaluator(cfg)
