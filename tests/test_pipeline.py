@@ -144,6 +144,24 @@ def test_two_stages_equal_the_reference(on_head, reference, tmp_path):
     assert 0 < row["stage.0.in_flight"] <= 2
 
 
+def test_probe_curves_on_a_pipeline_run(on_head, deboer_dir, tmp_path):
+    """The background evaluator as a Ray actor beside the stages: a probe point for step 0 and the last
+    checkpoint at least (a busy evaluator may skip those between), in metrics.jsonl."""
+    from vgim_dist.data.cli import main as data_main  # noqa: PLC0415
+
+    syllables = str(tmp_path / "syllables")
+    assert data_main(["data", "prepare", str(deboer_dir), "--format", "deboer", "--level", "syllable",
+                      "--syllable-split", "clean", "--out", syllables]) == 0
+    run = tmp_path / "run"
+    train(load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={run}", "run.steps=20",
+                                             "pipeline.stages=[[0],[1,2,3]]", "eval.every=1", "eval.cpus=0",
+                                             f"eval.data={syllables}", "eval.tasks=[vowels]", "eval.epochs=3"]))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    probed = sorted(r["step"] for r in rows if "probe.vowels.module.3" in r)
+    assert probed[0] == 0 and probed[-1] == 20 and set(probed) <= {0, 10, 20}
+    assert [r["step"] for r in rows if "module.0.nce" in r] == list(range(2, 21, 2))  # training rows unchanged
+
+
 def test_four_stages_on_s3_equal_the_reference(on_head, reference, s3_endpoint):
     import s3fs
 
