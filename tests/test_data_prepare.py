@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -143,3 +144,29 @@ def test_interrupted_prepare_resumes_without_loss_or_duplicates(librispeech_dir,
 def test_prepare_with_no_files(tmp_path):
     with pytest.raises(PrepareError, match="no audio files"):
         prepare(readers.folder(tmp_path), Store(str(tmp_path / "o")), log=_quiet)
+
+
+def test_odd_files_are_recorded_and_never_stop_the_corpus(librispeech_dir, tmp_path):
+    """A file name that is not UTF-8, a symlink loop, a dangling link and a WAV whose header promises more
+    samples than it holds: the good files become shards, the name is kept escaped, the rest are skipped."""
+    src = tmp_path / "src"
+    src.mkdir()
+    x, _ = sf.read(sorted(librispeech_dir.rglob("*.flac"))[0], dtype="int16")
+    sf.write(src / "good.wav", x, 16000, subtype="PCM_16")
+    latin1 = os.fsdecode(bytes(src) + b"/caf\xe9.wav")      # an ISO-8859-1 name: not valid UTF-8
+    shutil.copy(src / "good.wav", latin1)
+    os.symlink("loop-b.wav", src / "loop-a.wav")
+    os.symlink("loop-a.wav", src / "loop-b.wav")
+    os.symlink("gone.wav", src / "dangling.wav")
+    whole = (src / "good.wav").read_bytes()
+    (src / "cut.wav").write_bytes(whole[:len(whole) // 2])  # header still says the full length
+    m = prepare(readers.folder(src), Store(str(tmp_path / "out")), log=_quiet)
+    reasons = {s["id"]: s["reason"] for s in m["skipped"]}
+    cut = reasons.pop("cut")
+    assert cut.startswith(f"truncated: header promises {len(x)} samples, file holds ")
+    assert int(cut.rsplit(" ", 1)[1]) in range(len(x) // 2 - 100, len(x) // 2)
+    assert reasons == {"loop-a": "symlink loop", "loop-b": "symlink loop", "dangling": "dangling symlink to gone.wav"}
+    kept = {u.id: u for u in iter_utterances(str(tmp_path / "out"), "train", cache_dir=str(tmp_path / "c"))}
+    assert sorted(kept) == ["caf\\xe9", "good"]
+    assert np.array_equal(kept["caf\\xe9"].audio, kept["good"].audio)
+    json.dumps(m).encode()  # the manifest is valid UTF-8 JSON

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vgim_dist.data.audio import SAMPLE_RATE, BadAudio, load_pcm16
-from vgim_dist.data.readers import Corpus, Item
+from vgim_dist.data.readers import Corpus, Item, utf8_name
 from vgim_dist.data.store import Store
 
 FORMAT_VERSION = 1
@@ -35,7 +36,7 @@ def _fingerprint(chunk: list[Item], min_samples: int) -> str:
     h = hashlib.sha256(f"v{FORMAT_VERSION} min_samples={min_samples}".encode())
     for it in chunk:  # a rewritten source file changes its size or mtime, so its shard is rebuilt
         st = it.path.stat()
-        h.update(f"\n{it.id}\t{it.path}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        h.update(f"\n{it.id}\t".encode() + os.fsencode(it.path) + f"\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
@@ -60,7 +61,7 @@ def _build(chunk: list[Item], min_samples: int, record: dict) -> bytes:
             if len(pcm) < min_samples:
                 raise BadAudio(f"too short: {len(pcm)} samples < {min_samples}")
         except BadAudio as e:
-            skipped.append({"id": it.id, "path": str(it.path), "reason": str(e)})
+            skipped.append({"id": it.id, "path": utf8_name(it.path), "reason": str(e)})
             continue
         fixes.update(repairs)
         for f, v in zip(SCHEMA.names, (it.id, it.speaker, json.dumps(it.labels, sort_keys=True), len(pcm),
