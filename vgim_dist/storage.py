@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 import fsspec
+import xxhash
+
+
+class StorageFault(RuntimeError):
+    """A storage fault that retrying cannot fix (a damaged committed file, a full disk); names the path."""
 
 
 def resolve_endpoint(endpoint_url: str = "") -> str:
@@ -21,6 +26,11 @@ def open_dir(uri: str, endpoint_url: str = "") -> tuple[fsspec.AbstractFileSyste
             options["client_kwargs"] = {"endpoint_url": endpoint}
     fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path.rstrip("/")
+
+
+def checksum(data: bytes) -> str:
+    """The checksum recorded for every committed file (checkpoint files, shards): xxh3-64, hex."""
+    return xxhash.xxh3_64_hexdigest(data)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -207,7 +207,7 @@ class StageWorker:
         the checkpoint Ray Train would hand back (which lags the last one reported by up to a health-check
         interval), so a restart loses no committed step.
         """
-        step = torch.tensor([(self.checkpoints.latest() or 0) if self.rank == 0 else 0])
+        step = torch.tensor([(self.checkpoints.newest_intact() or 0) if self.rank == 0 else 0])
         dist.broadcast(step, src=0, group=self.control)
         start = int(step)
         if start:
@@ -260,10 +260,11 @@ class StageWorker:
         self.metrics.record(step, row)
 
     def _checkpoint(self, step: int) -> None:
-        self.checkpoints.save_stage(self.stage, step)
+        written = self.checkpoints.save_stage(self.stage, step)
         if self.metrics:
             self.metrics.flush()
-        dist.barrier(group=self.control)    # every stage has written `step`
+        every = [None] * dist.get_world_size(self.control)
+        dist.all_gather_object(every, written, group=self.control)    # every stage has written `step`
         if self.rank != 0:
             ray.train.report({"step": step})
             return
@@ -271,7 +272,8 @@ class StageWorker:
         partitions = None
         if self.stage.zero_partitioned:  # ZeRO: every replica of every stage wrote its partition
             partitions = {i: n for mods, n in zip(self.cfg.stage_modules(), self.cfg.stage_replicas()) for i in mods}
-        self.checkpoints.commit(step, modules, partitions=partitions)
+        files = {name: entry for w in every for name, entry in w.items()}
+        self.checkpoints.commit(step, modules, files, partitions=partitions)
         with tempfile.TemporaryDirectory() as d:
             Path(d, STEP_FILE).write_text(json.dumps({"step": step}))
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
