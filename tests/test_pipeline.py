@@ -249,3 +249,29 @@ def test_killed_replica_worker_restarts_from_the_last_checkpoint(ray_head, on_he
     assert json.loads((run_dir / "workers" / "stage-0-replica-1.json").read_text())["pid"] != victim
     assert_bitwise_equal(stored_state(str(run_dir)), stored_state(str(tmp_path / "straight")))
     assert logged_steps(run_dir) == list(range(10, 61, 10))
+
+
+def test_truncated_checkpoint_in_the_recovery_path_falls_back_to_an_intact_step(ray_head, reference, tmp_path):
+    """A worker dies while the newest committed checkpoint has a half-truncated file: the restarted group passes
+    over it to the step before and ends bitwise equal to an uninterrupted run."""
+    proc = subprocess.Popen(cli(ray_head, tmp_path, "--set", "run.steps=60", "--set", "run.log_every=10"),
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = CheckpointManager(str(tmp_path))
+    deadline = time.monotonic() + 120
+    while len(ckpt.steps()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "no second checkpoint"
+        time.sleep(0.05)
+    victim = json.loads((tmp_path / "workers" / "stage-1.json").read_text())["pid"]
+    os.kill(victim, signal.SIGSTOP)     # the pipeline halts: no newer step can commit
+    time.sleep(1)                       # a commit already past its barrier lands
+    newest = ckpt.steps()[-1]
+    damaged = Path(ckpt.step_dir(newest)) / "module-0.train.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert f"{damaged}: " in err and f"falling back to checkpoint step {newest - 10}" in err
+    workers = [json.loads((tmp_path / "workers" / f"stage-{s}.json").read_text()) for s in (0, 1)]
+    assert workers[0]["start"] == workers[1]["start"] == newest - 10
+    assert_bitwise_equal(stored_state(str(tmp_path)), reference(60))
+    assert logged_steps(tmp_path) == list(range(10, 61, 10))
