@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from test_train import assert_bitwise_equal, cfg_for, final_state, run_cli
-from vgim_dist.train.run import train
+from vgim_dist.launch import train
 
 
 def flip_bit(path: Path, offset: int, bit: int = 0) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from vgim_dist.config import ConfigError, load_config
@@ -18,15 +17,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from vgim_dist.launch import train  # noqa: PLC0415
     from vgim_dist.storage import StorageFault  # noqa: PLC0415
-    from vgim_dist.train.reference import Interrupted  # noqa: PLC0415
-    from vgim_dist.train.run import train  # noqa: PLC0415
+    from vgim_dist.train.loop import Interrupted  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)
-    if args.address:
-        os.environ["RAY_ADDRESS"] = args.address  # ray.init() in the pipeline runner joins it
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, address=args.address)
     except Interrupted as e:
         print(f"vgim train: {e}", file=sys.stderr)
         return 130
@@ -92,12 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", action="store_true", help="list every config key: type, range, default, meaning")
     p.set_defaults(func=cmd_config)
 
-    try:
-        from vgim_dist.data.cli import add_data_commands  # noqa: PLC0415
-    except ImportError:  # data commands not installed in this build
-        pass
-    else:
-        add_data_commands(sub)
+    from vgim_dist.data.cli import add_data_commands  # noqa: PLC0415
+
+    add_data_commands(sub)
 
     from vgim_dist.tracking.cli import add_tracking_commands  # noqa: PLC0415
 

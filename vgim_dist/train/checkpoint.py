@@ -113,18 +113,6 @@ class CheckpointManager:
                 log.warning("%s; falling back to checkpoint step %d", e, older[-1])
         return None
 
-    def start_step(self, resume: bool) -> int:
-        """The step a run starts from: the newest intact checkpoint with ``resume``, else 0 on an empty run."""
-        latest = self.latest()
-        if latest is None:
-            if resume:
-                log.warning("--resume: no checkpoint under %s, starting at step 0", self.root)
-            return 0
-        if not resume:
-            raise FileExistsError(f"{self.root} already holds checkpoints (latest step {latest}); "
-                                  "pass --resume to continue it or choose another run.dir")
-        return self.newest_intact()
-
     def _marker(self, step: int) -> dict:
         return json.loads(self.fs.cat_file(f"{self.step_dir(step)}/{MARKER}"))
 
