@@ -1,15 +1,17 @@
-"""Fault injection on committed files: a flipped bit or a truncated file in a checkpoint is never loaded; a
-resume falls back to the newest intact step (ending bitwise equal to an uninterrupted run) or stops with one
-line naming the file."""
+"""Fault injection with the reference runner: a flipped bit or a truncated file in a checkpoint is never loaded
+(a resume falls back to the newest intact step, ending bitwise equal to an uninterrupted run, or stops with one
+line naming the file); a full disk stops the run at once, naming the path and the free space."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from test_train import assert_bitwise_equal, cfg_for, final_state, run_cli
 from vgim_dist.launch import train
+from vgim_dist.train.checkpoint import CheckpointManager
 
 
 def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
@@ -50,3 +52,16 @@ def test_truncated_only_checkpoint_stops_with_one_line_naming_it(tmp_path):
     last = resumed.stderr.strip().splitlines()[-1]
     assert last.startswith(f"vgim train: {damaged}: ") and "(truncated?)" in last, resumed.stderr
     assert "Traceback" not in resumed.stderr
+
+
+def test_full_disk_stops_at_once_naming_the_path_and_leaves_no_temporary_file(small_disk):
+    sets = [a for s in ["data.crop=2560", "data.batch_size=4", "run.threads=1", f"run.dir={small_disk}",
+                        "run.steps=6", "checkpoint.every=2"] for a in ("--set", s)]
+    run = run_cli(*sets, timeout=120)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"vgim train: {small_disk}/checkpoints/step-4/\S+: no space left on device "
+                        r"\([\d,]+ bytes free of [\d,]+; [\d,]+ needed\)", last), run.stderr
+    assert "Traceback" not in run.stderr
+    assert not [p for p in small_disk.rglob("*") if ".tmp-" in p.name]
+    assert CheckpointManager(str(small_disk)).newest_intact() == 2

@@ -24,7 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from vgim_dist.parallel.deepspeed_engine import load_zero_partition_state, zero_partition_state
-from vgim_dist.storage import StorageFault, checksum, open_dir, write_bytes
+from vgim_dist.storage import StorageFault, checksum, open_dir, read_bytes, retrying, write_bytes
 from vgim_dist.train.stage import Stage
 
 _STEP_DIR = re.compile(r"step-(\d+)$")
@@ -70,7 +70,7 @@ class CheckpointManager:
         d = self.step_dir(step)
         names = [f"module-{i}{kind}.safetensors" for i in modules for kind in ("", ".train")]
         names += [f"module-{i}.zero-{r}.safetensors" for i, n in (partitions or {}).items() for r in range(n)]
-        stored = {p["name"].rsplit("/", 1)[1]: p["size"] for p in self.fs.ls(d, detail=True)}
+        stored = {p["name"].rsplit("/", 1)[1]: p["size"] for p in retrying("list", d, self.fs.ls, d, True)}
         bad = [n for n in names if n not in files or stored.get(n) != files[n]["bytes"]]
         if bad:
             raise RuntimeError(f"checkpoint step {step} incomplete: {bad} missing or short under {d}")
@@ -79,10 +79,13 @@ class CheckpointManager:
             indent=1).encode())
         if self.keep:
             for old in self.steps()[: -self.keep]:
-                self.fs.rm(self.step_dir(old), recursive=True)
+                retrying("delete", self.step_dir(old), self.fs.rm, self.step_dir(old), True)
 
     def steps(self) -> list[int]:
         """Complete checkpoints, oldest first."""
+        return retrying("list", self.root, self._steps)
+
+    def _steps(self) -> list[int]:
         if not self.fs.exists(self.root):
             return []
         found = []
@@ -114,7 +117,7 @@ class CheckpointManager:
         return None
 
     def _marker(self, step: int) -> dict:
-        return json.loads(self.fs.cat_file(f"{self.step_dir(step)}/{MARKER}"))
+        return json.loads(read_bytes(self.fs, f"{self.step_dir(step)}/{MARKER}"))
 
     def read(self, step: int, name: str) -> bytes:
         """A file of committed step ``step``, verified against the size and checksum its marker records."""
@@ -122,11 +125,11 @@ class CheckpointManager:
         want = self._marker(step).get("files")
         if want is None:  # committed before checkpoints carried checksums
             log.warning("%s: checkpoint step %d records no checksums; loaded unverified", path, step)
-            return self.fs.cat_file(path)
+            return read_bytes(self.fs, path)
         if name not in want:
             raise CorruptCheckpoint(f"{path}: not recorded in its {MARKER}")
         try:
-            data = self.fs.cat_file(path)
+            data = read_bytes(self.fs, path)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{path}: missing from a committed checkpoint") from None
         if len(data) != want[name]["bytes"]:
