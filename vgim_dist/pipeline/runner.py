@@ -25,6 +25,7 @@ from vgim_dist.config import Config
 from vgim_dist.pipeline.worker import STAGE_STATS, train_stage
 from vgim_dist.storage import StorageFault, is_local, open_dir
 from vgim_dist.tracking import StageRef
+from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.loop import Interrupted
 from vgim_dist.train.metrics import MetricsLog
 
@@ -117,7 +118,8 @@ class PipelineRunner:
             fit_in_thread(trainer)
         if message := ray.get(fault.get.remote()):
             raise StorageFault(message)
-        return self.checkpoints.latest() or start
+        # run.dir, not Ray Train, records the checkpoints: the run ends at the newest committed one
+        return CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest() or start
 
     def use_gpu(self) -> bool:
         gpus = ray.cluster_resources().get("GPU", 0)
