@@ -24,7 +24,7 @@ import torch.distributed as dist
 from vgim_dist.config import Config
 from vgim_dist.data.source import build_source
 from vgim_dist.parallel.data_parallel import ReplicaGroup, split_sizes
-from vgim_dist.pipeline.transport import Receiver, Sender
+from vgim_dist.pipeline.transport import Receiver, Sender, device_identity, link_channel
 from vgim_dist.storage import StorageFault, open_dir, write_bytes
 from vgim_dist.tracking import StageLogger, StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
@@ -159,11 +159,20 @@ class StageWorker:
         self.device = ray.train.torch.get_device()
         # Flow control, checkpoint barriers and the resume step travel on gloo whatever carries activations.
         self.control = dist.new_group(backend="gloo")
+        # Which ranks share a device decides each link's channel (fractional GPUs put stages on one GPU).
+        self.devices: list[str] = [""] * dist.get_world_size()
+        dist.all_gather_object(self.devices, device_identity(self.device, ray.util.get_node_ip_address()),
+                               group=self.control)
         # Every rank takes part in creating every group, in the same order; each keeps its own stage's.
         self.replicas, replica_control = None, None
         for t, n in enumerate(reps):
             if n > 1:
                 ranks = list(range(first[t], first[t] + n))
+                shared = {self.devices[r] for r in ranks}
+                if len(shared) < n and any(d.startswith("cuda") for d in shared):
+                    raise RuntimeError(f"pipeline.replicas: the {n} replicas of stage {t} share GPUs ({sorted(shared)}); "
+                                       "replicas need a device each (NCCL rejects two ranks on one device): lower "
+                                       "pipeline.gpus_per_stage's sharing or the replica count")
                 group, gloo = dist.new_group(ranks), dist.new_group(ranks, backend="gloo")
                 if t == s:
                     self.replicas, replica_control = ReplicaGroup(group, self.replica, n), gloo
@@ -177,11 +186,11 @@ class StageWorker:
             self.inputs = Batches(cfg, self.start, stop, self.device, self.replicas, replica_control)
         else:
             peers = self._peers(first[s - 1], reps[s - 1], reps[s])
-            self.inputs = Gather([Receiver(p, upstream, self.device, self.control) for p in peers])
+            self.inputs = Gather([Receiver(p, upstream, self.device, self.control, self._channel(p)) for p in peers])
         self.output = None
         if s < self.last:
             peers = self._peers(first[s + 1], reps[s + 1], reps[s])
-            self.output = Fanout([Sender(p, cfg.pipeline.in_flight, self.control) for p in peers])
+            self.output = Fanout([Sender(p, cfg.pipeline.in_flight, self.control, self._channel(p)) for p in peers])
         self.own = metric_names(cfg, s)
         # Replica 0 speaks for its stage: MLflow run, metrics rows.
         self.tracking = StageLogger(stage_refs[s] if self.replica == 0 else None)
@@ -190,6 +199,9 @@ class StageWorker:
             self.names = [n for t in range(s + 1) for n in metric_names(cfg, t)]
             self.metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
             self.metrics.resume(self.start)
+
+    def _channel(self, peer: int) -> str:
+        return link_channel(self.devices[self.rank], self.devices[peer])
 
     def _peers(self, neighbour_first: int, neighbour_replicas: int, own_replicas: int) -> list[int]:
         """World ranks of the neighbour stage this worker exchanges with: its replica twin when both sides have
