@@ -24,7 +24,7 @@ window.addEventListener("load", async () => {
   const boxes = [];
   const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
   for (let n = walk.nextNode(); n; n = walk.nextNode()) {
-    if (!n.textContent.trim() || n.parentElement.closest("script")) continue;
+    if (!n.textContent.trim() || n.parentElement.closest("script") || !n.parentElement.checkVisibility()) continue;
     const range = document.createRange(); range.selectNodeContents(n);
     for (const r of range.getClientRects()) if (r.width > 0 && r.height > 0)
       boxes.push({text: n.textContent.trim().slice(0, 40), l: r.left, r: r.right, t: r.top, b: r.bottom});

@@ -1,7 +1,18 @@
 """The encoders learn: after a short training on the synthetic de Boer corpus, the syllable probe of a
 trained module beats the same probe on the encoder as initialised (step 0) by a margin.
 
-The margin was measured over five training seeds before the threshold was fixed (MARGINS, below)."""
+The margin was measured over five training seeds (0-4) on this test's corpus before the threshold was fixed,
+with `learning_margin` (40 smoke steps, z-scored probes, 2 repeats, 60 test syllables). Per seed, trained
+minus step-0 accuracy of modules 0 / 1 / 2 / 3:
+
+    seed 0: +0.042 / +0.058 / +0.100 / +0.042   best +0.100
+    seed 1: -0.067 / +0.067 / +0.108 / +0.025   best +0.108
+    seed 2: -0.050 / -0.033 / +0.033 / +0.050   best +0.050
+    seed 3: -0.025 / +0.158 / +0.117 / +0.150   best +0.158
+    seed 4: +0.033 / -0.008 / +0.142 / +0.017   best +0.142
+
+The best module gains 0.050-0.158 (one test syllable is 0.017); the threshold is half the smallest, 0.025.
+A random encoder's probe already sits above chance (0.111), so "learning" means above step 0, not chance."""
 
 from __future__ import annotations
 
@@ -13,10 +24,7 @@ from vgim_dist.data.synth import synth_deboer
 from vgim_dist.eval.probes import ProbeSettings, probe_run
 from vgim_dist.launch import train
 
-# Best module's (trained - step 0) syllable accuracy, training seeds 0-4 (same corpus): filled in from a run of
-# `learning_margin` for each seed.
-MARGINS = ()
-THRESHOLD = 0.0
+THRESHOLD = 0.025  # best module's (trained - step 0) syllable accuracy; measured 0.050-0.158 over seeds 0-4
 
 
 @pytest.fixture(scope="module")

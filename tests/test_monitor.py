@@ -90,3 +90,17 @@ def test_the_evaluator_is_another_process_at_lower_priority(shards, tmp_path):
         assert proc.pid != os.getpid() and os.getpriority(os.PRIO_PROCESS, proc.pid) >= os.nice(0) + NICE
     finally:
         monitor._backend.stop()
+
+
+def test_probe_rows_keep_metrics_in_step_order(tmp_path):
+    """A probe result arrives after later training rows; it goes in at its step, before that step's training
+    row, so the last row stays the last training step's (the run summary's "final")."""
+    from vgim_dist.train.metrics import MetricsLog  # noqa: PLC0415
+
+    log = MetricsLog(str(tmp_path), 12, stream=open(os.devnull, "w"))  # noqa: SIM115
+    for step in (4, 8, 12):
+        log.record(step, {"module.0.nce": 1.0})
+    log.add(0, {"probe.vowels.module.0": 0.4})
+    log.add(12, {"probe.vowels.module.0": 0.5})
+    assert [r["step"] for r in log.rows] == [0, 4, 8, 12, 12]
+    assert "module.0.nce" in log.rows[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import sys
 
@@ -36,8 +37,11 @@ class MetricsLog:
         return row
 
     def add(self, step: int, values: dict[str, float]) -> None:
-        """A row that belongs to an earlier step (the background evaluator's probes): kept, not printed."""
-        self.rows.append({"step": step, **values})
+        """A row that belongs to an earlier step (the background evaluator's probes): kept, not printed, and
+        placed before that step's training row, so that the rows stay in step order and the last row is
+        still the last training step's."""
+        at = bisect.bisect_left([r["step"] for r in self.rows], step)
+        self.rows.insert(at, {"step": step, **values})
 
     def flush(self) -> None:
         write_bytes(self.fs, self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
