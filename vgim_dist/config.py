@@ -86,7 +86,11 @@ class RunConfig:
     steps: int = _opt(1000, lo=0)
     runner: Literal["reference", "pipeline"] = "reference"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    threads: int = _opt(0, lo=0, doc="torch threads per stage; 0 = torch's default")
+    threads: int = _opt(0, lo=0, doc="torch threads of each stage's process; 0 = the reference runner's default "
+                        "(torch's: the cores) or a pipeline worker's reserved CPUs (at least 1); part of a run's "
+                        "numbers, recorded in config.yaml")
+    deterministic: bool = _opt(True, doc="deterministic algorithms only (torch.use_deterministic_algorithms; on "
+                               "GPU also cuBLAS's fixed workspace); false = allow faster nondeterministic kernels")
     precision: Literal["fp32", "bf16"] = _opt("fp32", doc="bf16 = autocast the forward pass (GPU); fp32 master weights")
     log_every: int = _opt(10, lo=1)
 

@@ -1,8 +1,8 @@
 """The pipeline runner: a Ray Train worker group, one worker per stage (one GPU each on a cluster).
 
 ``ray.init()`` joins the cluster named by RAY_ADDRESS (``vgim train --address`` sets it; a ``ray job submit``
-driver has it already) and otherwise starts Ray on this machine for the length of the run: the same code from
-a laptop to a cluster. Ray Train places the workers, sets up torch.distributed (gloo on CPU, NCCL on GPU) and,
+driver has it already) and otherwise starts Ray on this machine for the length of the run, reachable from this
+machine only (``local.py``): the same code from a laptop to a cluster. Ray Train places the workers, sets up torch.distributed (gloo on CPU, NCCL on GPU) and,
 when a worker dies, restarts the whole group, which resumes from the newest committed checkpoint.
 """
 
@@ -16,15 +16,16 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pyarrow.fs
 import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from vgim_dist.config import Config
+from vgim_dist.pipeline.local import local_only_ray
 from vgim_dist.pipeline.worker import STAGE_STATS, STEP_FILE, train_stage
 from vgim_dist.storage import is_local, open_dir
 from vgim_dist.tracking import StageRef
@@ -60,16 +61,20 @@ class PipelineRunner:
         start = self.checkpoints.start_step(resume)
         if start:
             log.info("resuming from step %d", start)
-        owns_ray = not ray.is_initialized()
-        if owns_ray:
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            # Joining a cluster: RAY_ADDRESS. Starting one here: it listens on localhost only.
-            ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"_node_ip_address": "127.0.0.1"}))
-        try:
-            step = self.fit(start)
-        finally:
-            if owns_ray:
-                ray.shutdown()
+        with ExitStack() as stack:
+            torch_config = None     # Ray Train's own torch setup, on a cluster
+            if not ray.is_initialized():
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+                if not os.environ.get("RAY_ADDRESS"):   # else join that cluster
+                    torch_config = stack.enter_context(local_only_ray())
+                ray.init()
+                stack.callback(ray.shutdown)
+            step = self.fit(start, torch_config)
+        committed = self.checkpoints.latest()
+        if step and committed != step:
+            raise RuntimeError(f"the pipeline committed step {step}, but run.dir {cfg.run.dir} holds "
+                               f"{f'step {committed}' if committed else 'no checkpoint'} as seen from here: "
+                               "the workers wrote their checkpoints somewhere else")
         metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
         metrics.resume(step)
         if step < cfg.run.steps:
@@ -77,7 +82,7 @@ class PipelineRunner:
         return {"steps": step, "final": metrics.rows[-1] if metrics.rows else {},
                 "stage_stats": stage_stats(metrics.rows, cfg.stage_modules())}
 
-    def fit(self, start: int) -> int:
+    def fit(self, start: int, torch_config: TorchConfig | None = None) -> int:
         """Train from ``start`` on a Ray Train worker group; the step of the run's last checkpoint."""
         cfg = self.cfg
         stages, workers = len(cfg.stage_modules()), sum(cfg.stage_replicas())
@@ -87,6 +92,7 @@ class PipelineRunner:
         trainer = TorchTrainer(
             train_stage,
             train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs},
+            torch_config=torch_config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
             run_config=RunConfig(
                 # A new Ray Train run per invocation: where to start is read from run.dir, never from Ray

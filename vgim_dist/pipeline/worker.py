@@ -30,10 +30,24 @@ from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking import StageLogger, StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.metrics import MetricsLog
-from vgim_dist.train.stage import Stage
+from vgim_dist.train.stage import Stage, configure_torch
 
 STAGE_STATS = ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")
 STEP_FILE = "step.json"     # the whole of the checkpoint reported to Ray Train; the state is in run.dir
+
+
+class RunDirNotVisible(RuntimeError):
+    """This worker cannot see the run directory the driver prepared (a local path on another node)."""
+
+
+def see_run_dir(cfg: Config) -> None:
+    """Fail at once, naming run.dir, when this worker cannot see the run directory the driver prepared:
+    otherwise its checkpoints would go where the driver never looks."""
+    fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
+    if not fs.exists(f"{root}/config.yaml"):
+        raise RunDirNotVisible(f"run.dir {cfg.run.dir}: not visible from this worker (node "
+                               f"{ray.util.get_node_ip_address()}, no config.yaml there); on a cluster of several "
+                               "nodes run.dir must be storage every node shares, e.g. s3://bucket/runs/name")
 
 
 def metric_names(cfg: Config, stage: int) -> list[str]:
@@ -156,9 +170,9 @@ class StageWorker:
         self.stage_index = max(s for s in range(len(reps)) if first[s] <= self.rank)
         self.replica, self.last = self.rank - first[self.stage_index], len(reps) - 1
         s = self.stage_index
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
         self.device = ray.train.torch.get_device()
+        configure_torch(cfg.run, self.device)
+        see_run_dir(cfg)
         # Flow control, checkpoint barriers and the resume step travel on gloo whatever carries activations.
         self.control = dist.new_group(backend="gloo")
         # Every rank takes part in creating every group, in the same order; each keeps its own stage's.
@@ -219,7 +233,7 @@ class StageWorker:
         fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
         info = {"stage": self.stage_index, "replica": self.replica, "modules": self.stage.module_ids,
                 "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(self.device),
-                "start": self.start}
+                "threads": torch.get_num_threads(), "start": self.start}
         name = f"stage-{self.stage_index}" + (f"-replica-{self.replica}" if self.replica else "")
         write_bytes(fs, f"{root}/workers/{name}.json", json.dumps(info).encode())
 
