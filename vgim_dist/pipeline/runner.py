@@ -1,9 +1,10 @@
 """The pipeline runner: a Ray Train worker group, one worker per stage (one GPU each on a cluster).
 
-``ray.init()`` joins the cluster named by RAY_ADDRESS (``vgim train --address`` sets it; a ``ray job submit``
-driver has it already) and otherwise starts Ray on this machine for the length of the run, reachable from this
-machine only (``local.py``): the same code from a laptop to a cluster. Ray Train places the workers, sets up torch.distributed (gloo on CPU, NCCL on GPU) and,
-when a worker dies, restarts the whole group, which resumes from the newest committed checkpoint.
+``ray.init()`` joins the cluster given by ``vgim train --address`` (or, in a ``ray job submit`` driver, the
+one RAY_ADDRESS names) and otherwise starts Ray on this machine for the length of the run, reachable from this
+machine only (``local.py``): the same code from a laptop to a cluster. Ray Train places the workers, sets up
+torch.distributed (gloo on CPU, NCCL on GPU) and, when a worker dies, restarts the whole group, which resumes
+from the newest committed checkpoint.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from vgim_dist.pipeline.worker import STAGE_STATS, STEP_FILE, train_stage
 from vgim_dist.storage import is_local, open_dir
 from vgim_dist.tracking import StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.loop import Interrupted
 from vgim_dist.train.metrics import MetricsLog
-from vgim_dist.train.reference import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +52,28 @@ class StopFlag:
 
 
 class PipelineRunner:
-    def __init__(self, cfg: Config, stage_refs: list[StageRef | None] | None = None):
+    def __init__(self, cfg: Config, stage_refs: list[StageRef | None] | None = None, address: str = ""):
         self.cfg = cfg
         self.stage_refs = stage_refs or [None] * len(cfg.stage_modules())   # MLflow run per stage, if tracked
-        self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
+        self.address = address      # Ray cluster to join; empty: a `ray job submit` driver's, else a local one
 
-    def run(self, resume: bool = False) -> dict:
+    def run(self, start: int = 0) -> dict:
+        """Train from checkpoint ``start`` (0: fresh) to ``run.steps``."""
         cfg = self.cfg
-        start = self.checkpoints.start_step(resume)
         if start:
             log.info("resuming from step %d", start)
         with ExitStack() as stack:
             torch_config = None     # Ray Train's own torch setup, on a cluster
             if not ray.is_initialized():
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                if not os.environ.get("RAY_ADDRESS"):   # else join that cluster
+                # Joining a cluster: the address given, or the one Ray sets for a submitted job's driver.
+                address = self.address or os.environ.get("RAY_ADDRESS", "")
+                if not address:
                     torch_config = stack.enter_context(local_only_ray())
-                ray.init()
+                ray.init(**({"address": address} if address else {}))
                 stack.callback(ray.shutdown)
             step = self.fit(start, torch_config)
-        committed = self.checkpoints.latest()
+        committed = CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest()
         if step and committed != step:
             raise RuntimeError(f"the pipeline committed step {step}, but run.dir {cfg.run.dir} holds "
                                f"{f'step {committed}' if committed else 'no checkpoint'} as seen from here: "
