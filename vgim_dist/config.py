@@ -105,7 +105,8 @@ class StageConfig:
 class PipelineConfig:
     stages: list[list[int]] | Literal["auto"] = _opt(
         factory=list, doc="module indices per stage; [] = one stage holding all; auto = planned at launch")
-    in_flight: int = _opt(2, lo=1, doc="batches a stage may run ahead of its consumer")
+    in_flight: int = _opt(2, lo=1, hi=16, doc="batches a stage may run ahead of its consumer; each holds one "
+                          "activation in memory (docs/pipeline.md)")
     replicas: list[int] | Literal["auto"] = _opt(
         factory=list, doc="data-parallel workers per stage, e.g. [2, 1]; [] = one each; auto = planned at launch")
     workers: int = _opt(0, lo=0, doc="workers an auto plan may use; 0 = one per CPU core, or per GPU")
