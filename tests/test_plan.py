@@ -181,12 +181,16 @@ def test_auto_is_resolved_before_the_run(tmp_path):
     from vgim_dist.launch import train
 
     summary = train(load_config("configs/smoke.yaml", [*TINY, f"run.dir={tmp_path}", "run.steps=2",
-                                                       "pipeline.stages=auto", "run.threads=1"]))
+                                                       "pipeline.stages=auto", "run.threads=1",
+                                                       "tracking.enabled=true", "tracking.system_metrics=false"]))
     # the reference runner is one worker: one stage holding every module
     assert summary["stages"] == [[0, 1, 2, 3]] and summary["plan"]["workers"] == 1
     written = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert written["stages"][0]["modules"] == [0, 1, 2, 3] and written["profile_cost_s"] > 0
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["pipeline"]["stages"] == [[0, 1, 2, 3]]
+    # MLflow has it too: the parent run's summary.json artifact (embedded store under run.dir)
+    logged = [json.loads(p.read_text()) for p in (tmp_path / "mlartifacts").rglob("summary.json")]
+    assert logged and logged[0]["plan"]["stages"][0]["modules"] == [0, 1, 2, 3]
 
 
 def test_auto_needs_a_plan_before_use():
