@@ -193,6 +193,13 @@ def test_auto_is_resolved_before_the_run(tmp_path):
     assert logged and logged[0]["plan"]["stages"][0]["modules"] == [0, 1, 2, 3]
 
 
+def test_gpus_without_a_gpu_to_profile_on_is_a_clear_error(tmp_path):
+    out = subprocess.run([BIN / "vgim", "plan", "configs/smoke.yaml", "--gpus", "2", "--set", f"run.dir={tmp_path}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "run.device: cpu profiles the modules on cpu, but 2 GPUs" in out.stderr
+    assert not (tmp_path / "plan").exists()
+
+
 def test_auto_needs_a_plan_before_use():
     cfg = load_config("configs/smoke.yaml", ["pipeline.stages=auto"])
     with pytest.raises(ConfigError, match="auto has not been planned"):
