@@ -48,14 +48,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default="", help="also write the figures to this file")
+    ap.add_argument("--run-dir", default="", help="keep the profile here (<run-dir>/plan/) and reuse it on the "
+                    "next invocation (default: a temporary directory, profiled afresh)")
     args = ap.parse_args()
     overrides = ["data.uri=noise://", f"data.batch_size={args.batch}", f"data.crop={args.crop}", "run.device=cpu"]
     cores = host_cores()
     started, load_before = time.time(), load_average()
 
     with tempfile.TemporaryDirectory(prefix="vgim-plan-bench-") as work:
-        cfg = load_config(args.config, [*overrides, f"run.dir={work}"])
+        cfg = load_config(args.config, [*overrides, f"run.dir={args.run_dir or work}"])
         prof = cached_profile(cfg, "cpu")
+    print(f"profile: {prof.cost_s:.1f} s to measure (load average before: {load_before})", flush=True)
     plans = rank(prof, args.workers)
     print(table(prof, plans))
     best = plans[0]
