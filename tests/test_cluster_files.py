@@ -81,7 +81,8 @@ def test_kuberay_manifests_structure():
     for spec in (kinds["RayCluster"]["spec"], job["rayClusterSpec"]):
         assert spec["rayVersion"].startswith("2.60")
         workers = spec["workerGroupSpecs"]
-        gpus = [c["resources"]["limits"]["nvidia.com/gpu"] for w in workers for c in w["template"]["spec"]["containers"]]
+        gpus = [c["resources"]["limits"]["nvidia.com/gpu"]
+                for w in workers for c in w["template"]["spec"]["containers"]]
         assert gpus and all(g >= 1 for g in gpus)
         for c in [*spec["headGroupSpec"]["template"]["spec"]["containers"],
                   *[c for w in workers for c in w["template"]["spec"]["containers"]]]:

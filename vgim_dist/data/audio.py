@@ -25,7 +25,7 @@ def load_pcm16(path: Path) -> tuple[np.ndarray, list[str]]:
     """Mono 16 kHz int16 samples and the repairs made on the way (mixed down, resampled, clipped)."""
     try:
         x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001 - libsndfile raises several types for corrupt files
+    except Exception as e:  # libsndfile raises several types for corrupt files
         raise BadAudio(f"unreadable: {e}") from e
     if x.shape[0] == 0:
         raise BadAudio("empty: no samples")

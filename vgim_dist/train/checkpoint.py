@@ -16,8 +16,7 @@ import json
 import re
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from vgim_dist.parallel.deepspeed_engine import (
     load_zero_partition_state,
