@@ -13,22 +13,16 @@ import torch
 
 from vgim_dist.config import Config, dump_config
 from vgim_dist.model import describe
+from vgim_dist.plan.auto import resolve as resolve_plan
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking import RunTracker, StageLogger
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.encoder import load_encoder
 from vgim_dist.train.loop import Interrupted
 from vgim_dist.train.metrics import MetricsLog
+from vgim_dist.train.stage import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device: cuda requested but no CUDA device is visible")
-    return torch.device(name)
 
 
 def start_step(cfg: Config, resume: bool) -> int:
@@ -54,11 +48,12 @@ def start_step(cfg: Config, resume: bool) -> int:
 def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
     """Train ``cfg`` to ``run.steps`` and return the run summary (also ``<run.dir>/summary.json``).
     ``address``: the Ray cluster a pipeline joins (default: a submitted job's, else one started here)."""
+    start = start_step(cfg, resume)
+    cfg, plan = resolve_plan(cfg)       # pipeline.stages / replicas: auto -> a plan for this hardware
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     # A pipeline trains on its workers' devices (a cluster's head may have no GPU); the reference trains here.
     device = resolve_device(cfg.run.device) if cfg.run.runner == "reference" else cfg.run.device
-    start = start_step(cfg, resume)
     fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
     write_bytes(fs, f"{root}/config.yaml", dump_config(cfg).encode())
 
@@ -94,6 +89,8 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
             tracker.end("KILLED")   # resumable
             raise
         summary = {"runner": cfg.run.runner, "stages": cfg.stage_modules(), **summary}
+        if plan:
+            summary["plan"] = plan
         write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
         if tracker.enabled:
             step = summary["steps"]

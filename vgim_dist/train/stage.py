@@ -23,6 +23,15 @@ def metric_names(module_ids: list[int]) -> list[str]:
     return [f"module.{i}.{t}" for i in module_ids for t in LOSS_TERMS]
 
 
+def resolve_device(name: str) -> torch.device:
+    """``run.device`` as a torch device: ``auto`` is a GPU when one is visible."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device: cuda requested but no CUDA device is visible")
+    return torch.device(name)
+
+
 def stage_generator(seed: int, module: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(seed, "train", module))
 
