@@ -15,7 +15,7 @@ from vgim_dist.config import ConfigError, load_config
 from vgim_dist.model import describe
 from vgim_dist.plan import CostModel, ModuleProfile, Profile, Timing, estimate, plan, rank, table
 from vgim_dist.plan.planner import replica_counts, splits
-from vgim_dist.plan.profile import cached_profile, profile_modules
+from vgim_dist.plan.profile import cached_profile
 
 BIN = Path(sys.executable).parent
 GiB = 2**30
