@@ -157,6 +157,7 @@ def test_profile_measures_every_module_and_is_cached(tmp_path):
     assert len(list((tmp_path / "plan").glob("profile-*.json"))) == 2  # another batch shape, another profile
 
 
+@pytest.mark.slow
 def test_vgim_plan_command(tmp_path):
     out = subprocess.run([BIN / "vgim", "plan", "configs/smoke.yaml", "--workers", "3", "--json",
                           *[a for s in [*TINY, f"run.dir={tmp_path}", "run.threads=1"] for a in ("--set", s)]],

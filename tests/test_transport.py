@@ -5,6 +5,7 @@ than ``in_flight`` batches unacknowledged."""
 import json
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -50,6 +51,8 @@ def _worker(rank: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # a lost end of stream hangs the receiver: fail instead
 def test_two_gloo_processes_exchange_batches_with_bounded_credit(tmp_path):
     out = str(tmp_path / "result")
     mp.spawn(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, join=True)
