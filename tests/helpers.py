@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from vgim_dist.config import load_config
 from vgim_dist.data.source import NoiseSource
 from vgim_dist.tracking.server import free_port  # noqa: F401 - the one free-port helper, package and tests
+from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.stage import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,27 @@ FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=2", "run.threads=1
 # Replica runs: a batch of 5 splits unevenly over 2 replicas.
 REPLICA_STEPS = 20
 REPLICA_OVERRIDES = ["data.crop=2560", "data.batch_size=5", "pipeline.stages=[]", "optim.lr=1e-3"]
+
+
+def cfg_for(run_dir, *extra):
+    """The smoke config, FAST, in ``run_dir``."""
+    return load_config("configs/smoke.yaml", [*FAST, f"run.dir={run_dir}", *extra])
+
+
+def run_cli(*args, **kw) -> subprocess.CompletedProcess:
+    """``vgim train configs/smoke.yaml ARGS`` in a new process."""
+    return subprocess.run([sys.executable, "-m", "vgim_dist", "train", "configs/smoke.yaml", *args],
+                          capture_output=True, text=True, **kw)
+
+
+def final_state(run_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a local run's latest checkpoint: weights, buffers, optimizer moments, RNG states."""
+    ckpt = CheckpointManager(str(run_dir))
+    d = Path(ckpt.step_dir(ckpt.latest()))
+    state = {}
+    for f in sorted(d.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:

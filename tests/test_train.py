@@ -16,21 +16,7 @@ from vgim_dist.launch import train
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.stage import Stage
 
-from helpers import FAST, assert_bitwise_equal
-
-
-def cfg_for(run_dir, *extra):
-    return load_config("configs/smoke.yaml", [*FAST, f"run.dir={run_dir}", *extra])
-
-
-def final_state(run_dir) -> dict[str, torch.Tensor]:
-    """Every tensor of the latest checkpoint: weights, buffers, optimizer moments, RNG states."""
-    ckpt = CheckpointManager(str(run_dir))
-    d = Path(ckpt.step_dir(ckpt.latest()))
-    state = {}
-    for f in sorted(d.glob("*.safetensors")):
-        state.update(load_file(f))
-    return state
+from helpers import FAST, assert_bitwise_equal, cfg_for, final_state, run_cli
 
 
 def test_same_seed_same_parameters(tmp_path):
@@ -59,11 +45,6 @@ def test_checkpoint_keys_name_modules_and_load_without_pickle(tmp_path):
     train_state = load_file(d / "module-2.train.safetensors")
     assert "module.2.rng" in train_state and any(".optim." in k for k in train_state)
     assert (tmp_path / "config.yaml").exists() and load_config(tmp_path / "config.yaml").run.steps == 4
-
-
-def run_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "vgim_dist", "train", "configs/smoke.yaml", *args],
-                          capture_output=True, text=True, **kw)
 
 
 @pytest.mark.slow
