@@ -115,6 +115,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 def test_too_short_crop_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"module 1 emits 9 frames for data.crop = 640 samples"):
         train(cfg_for(tmp_path, "data.crop=640"))
+    assert not tmp_path.joinpath("config.yaml").exists()       # refused before anything is written
 
 
 
