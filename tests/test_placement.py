@@ -53,6 +53,7 @@ def _where(config: dict) -> None:
         {"node": ctx.get_node_id(), "fake_gpu": ctx.get_assigned_resources().get("fake_gpu", 0.0)}))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fractional_workers_share_one_device(tmp_path):
     """A one-"GPU" node runs a pipeline of 3 stage workers at once when each asks for a third of it."""

@@ -17,7 +17,7 @@ from vgim_dist.config import ConfigError, load_config
 from vgim_dist.model import describe
 from vgim_dist.plan import CostModel, ModuleProfile, Profile, Timing, estimate, plan, rank, table
 from vgim_dist.plan.planner import replica_counts, splits
-from vgim_dist.plan.profile import cached_profile, profile_modules
+from vgim_dist.plan.profile import cached_profile
 
 BIN = Path(sys.executable).parent
 GiB = 2**30
@@ -159,6 +159,7 @@ def test_profile_measures_every_module_and_is_cached(tmp_path):
     assert len(list((tmp_path / "plan").glob("profile-*.json"))) == 2  # another batch shape, another profile
 
 
+@pytest.mark.slow
 def test_vgim_plan_command(tmp_path):
     out = subprocess.run([BIN / "vgim", "plan", "configs/smoke.yaml", "--workers", "3", "--json",
                           *[a for s in [*TINY, f"run.dir={tmp_path}", "run.threads=1"] for a in ("--set", s)]],
