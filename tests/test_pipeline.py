@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -16,24 +17,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 from safetensors.torch import load
-from test_train import FAST, assert_bitwise_equal
 
 from vgim_dist.config import load_config
 from vgim_dist.launch import train
 from vgim_dist.pipeline.runner import PipelineRunner
+from vgim_dist.storage import StorageFault
 from vgim_dist.train.checkpoint import CheckpointManager
+
+from helpers import FAST, assert_bitwise_equal, free_port
+from outage import OutageProxy
 
 BIN = Path(sys.executable).parent
 PIPELINE = [*FAST, "run.runner=pipeline", "checkpoint.every=10"]
-pytestmark = pytest.mark.timeout(300)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @dataclass
@@ -48,7 +47,7 @@ def ray_head(tmp_path_factory, s3_endpoint):
     """A one-node Ray cluster on 127.0.0.1 (`ray start --head --block`), stopped at the end of the session with
     every process it started. It inherits the S3 test credentials, so its workers can write s3:// runs."""
     temp = tmp_path_factory.mktemp("ray")
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     # Ray Train's controller collects reports, and so releases a checkpointing worker, once per health check
     # (2 s by default): poll faster so that checkpoints every few steps do not dominate these short runs.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
@@ -58,7 +57,7 @@ def ray_head(tmp_path_factory, s3_endpoint):
     proc = subprocess.Popen(
         [BIN / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
          "--num-cpus=2", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard}"
@@ -133,9 +132,10 @@ def cli(head: Head, run_dir: Path, *args: str) -> list[str]:
     return [str(BIN / "vgim"), "train", "configs/smoke.yaml", *sets, "--address", head.address, *args]
 
 
-def test_two_stages_equal_the_reference(on_head, reference, tmp_path):
+def test_two_stages_equal_the_reference(on_head, reference, tmp_path, mlflow_server):
     summary = train(load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path}", "run.steps=20",
-                                                       "pipeline.stages=[[0],[1,2,3]]"]))
+                                                       "pipeline.stages=[[0],[1,2,3]]", "tracking.enabled=true",
+                                                       f"tracking.uri={mlflow_server}"]))
     assert_bitwise_equal(stored_state(str(tmp_path)), reference(20))
     assert summary["threads"] == 1
     assert [json.loads(f.read_text())["threads"] for f in sorted((tmp_path / "workers").iterdir())] == [1, 1]
@@ -146,6 +146,15 @@ def test_two_stages_equal_the_reference(on_head, reference, tmp_path):
                 "stage.1.step_time_s", "windows_per_s"):
         assert key in row
     assert 0 < row["stage.0.in_flight"] <= 2
+    # Each stage's child run: its modules' losses, its own pace and waits (as docs/tracking.md lists them).
+    client = MlflowClient(mlflow_server)
+    for s, modules in enumerate([[0], [1, 2, 3]]):
+        run_id = json.loads((tmp_path / "mlflow.json").read_text())["stages"][s]["run_id"]
+        keys = {k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")}
+        own = {f"module.{i}.{t}" for i in modules for t in ("nce", "kl", "loss")}
+        stats = {f"stage.{s}.{k}" for k in ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")}
+        assert keys == own | stats | {"step_time_s", "windows_per_s"}
+        assert [m.step for m in client.get_metric_history(run_id, "windows_per_s")] == list(range(2, 21, 2))
 
 
 @pytest.mark.timeout(600)      # four threads on two cores
@@ -159,9 +168,8 @@ def test_two_threads_per_stage_equal_the_reference_at_two_threads(on_head, refer
 
 def test_worker_that_cannot_see_run_dir_fails_at_once_naming_it(on_head, tmp_path):
     # What a worker on a node without the driver's local run.dir sees: no run directory prepared there.
-    cfg = load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path / 'elsewhere'}", "run.steps=4",
-                                             "pipeline.max_failures=0"])
-    with pytest.raises(Exception, match=rf"run.dir {tmp_path / 'elsewhere'}: not visible from this worker"):
+    cfg = load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path / 'elsewhere'}", "run.steps=4"])
+    with pytest.raises(StorageFault, match=rf"run.dir {tmp_path / 'elsewhere'}: not visible from this worker"):
         PipelineRunner(cfg).run()
     assert not (tmp_path / "elsewhere").exists()
 
@@ -271,3 +279,73 @@ def test_killed_replica_worker_restarts_from_the_last_checkpoint(ray_head, on_he
     assert json.loads((run_dir / "workers" / "stage-0-replica-1.json").read_text())["pid"] != victim
     assert_bitwise_equal(stored_state(str(run_dir)), stored_state(str(tmp_path / "straight")))
     assert logged_steps(run_dir) == list(range(10, 61, 10))
+
+
+def test_truncated_checkpoint_in_the_recovery_path_falls_back_to_an_intact_step(ray_head, reference, tmp_path):
+    """A worker dies while the newest committed checkpoint has a half-truncated file: the restarted group passes
+    over it to the step before and ends bitwise equal to an uninterrupted run."""
+    proc = subprocess.Popen(cli(ray_head, tmp_path, "--set", "run.steps=60", "--set", "run.log_every=10"),
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = CheckpointManager(str(tmp_path))
+    deadline = time.monotonic() + 120
+    while len(ckpt.steps()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "no second checkpoint"
+        time.sleep(0.05)
+    victim = json.loads((tmp_path / "workers" / "stage-1.json").read_text())["pid"]
+    os.kill(victim, signal.SIGSTOP)     # the pipeline halts: no newer step can commit
+    time.sleep(1)                       # a commit already past its barrier lands
+    newest = ckpt.steps()[-1]
+    damaged = Path(ckpt.step_dir(newest)) / "module-0.train.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert f"{damaged}: " in err and f"falling back to checkpoint step {newest - 10}" in err
+    workers = [json.loads((tmp_path / "workers" / f"stage-{s}.json").read_text()) for s in (0, 1)]
+    assert workers[0]["start"] == workers[1]["start"] == newest - 10
+    assert_bitwise_equal(stored_state(str(tmp_path)), reference(60))
+    assert logged_steps(tmp_path) == list(range(10, 61, 10))
+
+
+def test_run_store_outage_is_waited_out(on_head, reference, s3_endpoint):
+    """The S3 endpoint holding run.dir goes away for 45 s mid-run (connections reset, then refused) and comes
+    back: the run waits, retries its checkpoint and metrics writes, and ends bitwise equal to an uninterrupted one."""
+    import s3fs
+
+    store = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    store.mkdir("outage-runs")
+    proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    run_dir = "s3://outage-runs/run"
+    cfg = load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={run_dir}", "run.steps=60", "run.log_every=10",
+                                             f"data.endpoint_url={proxy.url}"])
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(summary=train(cfg)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not store.exists("outage-runs/run/checkpoints/step-10/checkpoint.json"):
+        assert runner.is_alive() and time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.05)
+    proxy.down()
+    time.sleep(45)
+    assert runner.is_alive()
+    proxy.up()
+    runner.join(timeout=240)
+    proxy.close()
+    assert result["summary"]["steps"] == 60
+    assert_bitwise_equal(stored_state(run_dir, s3_endpoint), reference(60))
+    rows = store.cat_file("outage-runs/run/metrics.jsonl").decode().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(10, 61, 10))
+
+
+def test_full_disk_stops_the_pipeline_after_one_restart(ray_head, small_disk):
+    """ENOSPC while a stage writes its step-20 checkpoint: no retry can fix it, so the group is restarted once
+    (its workers end at once) and `vgim train` exits 1 with one line naming the path and the free space."""
+    run = subprocess.run(cli(ray_head, small_disk, "--set", "run.steps=60", "--set", "run.log_every=10"),
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 1, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"vgim train: {small_disk}/\S+: no space left on device \([\d,]+ bytes free of "
+                        r"[\d,]+; [\d,]+ needed\)", last), run.stderr
+    assert run.stderr.count("[FailurePolicy] RETRY") == 1, run.stderr
+    assert not [p for p in small_disk.rglob("*") if ".tmp-" in p.name]
+    assert CheckpointManager(str(small_disk)).newest_intact() == 10

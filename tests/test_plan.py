@@ -4,18 +4,20 @@ measured shape, and a real one measured here), ``vgim plan`` on the command line
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vgim_dist.config import ConfigError, load_config
 from vgim_dist.model import describe
 from vgim_dist.plan import CostModel, ModuleProfile, Profile, Timing, estimate, plan, rank, table
 from vgim_dist.plan.planner import replica_counts, splits
-from vgim_dist.plan.profile import cached_profile, profile_modules
+from vgim_dist.plan.profile import cached_profile
 
 BIN = Path(sys.executable).parent
 GiB = 2**30
@@ -157,6 +159,7 @@ def test_profile_measures_every_module_and_is_cached(tmp_path):
     assert len(list((tmp_path / "plan").glob("profile-*.json"))) == 2  # another batch shape, another profile
 
 
+@pytest.mark.slow
 def test_vgim_plan_command(tmp_path):
     out = subprocess.run([BIN / "vgim", "plan", "configs/smoke.yaml", "--workers", "3", "--json",
                           *[a for s in [*TINY, f"run.dir={tmp_path}", "run.threads=1"] for a in ("--set", s)]],
@@ -179,12 +182,23 @@ def test_auto_is_resolved_before_the_run(tmp_path):
     from vgim_dist.launch import train
 
     summary = train(load_config("configs/smoke.yaml", [*TINY, f"run.dir={tmp_path}", "run.steps=2",
-                                                       "pipeline.stages=auto", "run.threads=1"]))
+                                                       "pipeline.stages=auto", "run.threads=1",
+                                                       "tracking.enabled=true", "tracking.system_metrics=false"]))
     # the reference runner is one worker: one stage holding every module
     assert summary["stages"] == [[0, 1, 2, 3]] and summary["plan"]["workers"] == 1
     written = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert written["stages"][0]["modules"] == [0, 1, 2, 3] and written["profile_cost_s"] > 0
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["pipeline"]["stages"] == [[0, 1, 2, 3]]
+    # MLflow has it too: the parent run's summary.json artifact (embedded store under run.dir)
+    logged = [json.loads(p.read_text()) for p in (tmp_path / "mlartifacts").rglob("summary.json")]
+    assert logged and logged[0]["plan"]["stages"][0]["modules"] == [0, 1, 2, 3]
+
+
+def test_gpus_without_a_gpu_to_profile_on_is_a_clear_error(tmp_path):
+    out = subprocess.run([BIN / "vgim", "plan", "configs/smoke.yaml", "--gpus", "2", "--set", f"run.dir={tmp_path}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "run.device: cpu profiles the modules on cpu, but 2 GPUs" in out.stderr
+    assert not (tmp_path / "plan").exists()
 
 
 def test_auto_needs_a_plan_before_use():
@@ -193,3 +207,43 @@ def test_auto_needs_a_plan_before_use():
         cfg.stage_modules()
     with pytest.raises(ConfigError, match="replicas: auto needs run.runner: pipeline"):
         load_config("configs/smoke.yaml", ["pipeline.replicas=auto"])
+
+
+def test_flops_counted_from_shapes_match_torchs_counter():
+    """The MFU numerator: within 10 % of what torch's FlopCounterMode sees in a real training step (which
+    leaves out the elementwise positive scores that the shape count includes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vgim_dist.data.source import NoiseSource
+    from vgim_dist.model.flops import step_flops
+    from vgim_dist.train.stage import Stage
+
+    cfg = load_config("configs/smoke.yaml", ["pipeline.stages=[[0], [1], [2], [3]]"])
+    counted = step_flops(cfg.model, cfg.data.batch_size, cfg.data.crop)
+    x = NoiseSource(cfg.data, 0).batch(0)
+    for i in range(4):
+        stage = Stage(cfg, i)
+        with FlopCounterMode(display=False) as seen:
+            y, _ = stage.train_step(x)
+        assert seen.get_total_flops() == pytest.approx(counted[i], rel=0.10), f"module {i}"
+        x = y
+
+
+@pytest.mark.timeout(900)
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: every part of the GPU check on CPU, one JSON and one Markdown file."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path)], env=env,
+                   check=True, capture_output=True, timeout=850)
+    got = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert got["dry_run"] and got["environment"]["torch"] == torch.__version__
+    assert [r["precision"] for r in got["reference"]] == ["bf16", "fp32"]
+    for r in got["reference"]:
+        assert r["step_s"] > 0 and r["tflops_per_step"] > 0 and "error" not in r
+    assert "chosen:" in got["plan"]["table"]
+    assert got["pipeline"]["pipeline_step_s"] > 0 and got["pipeline"]["reference_step_s"] > 0
+    assert got["loader"]["windows_per_s_one_process"] > 0
+    assert "skipped" in got["compile"] or got["compile"].get("compiled") is True
+    md = (tmp_path / "gpu_check.md").read_text()
+    for heading in ("## Reference step", "## vgim plan", "## Pipeline", "## Loader", "## torch.compile"):
+        assert heading in md

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from vgim_dist.config import ConfigError, load_config
+from vgim_dist.storage import StorageFault
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -139,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vgim: config error: {e}", file=sys.stderr)
         return 2
+    except StorageFault as e:  # a damaged checkpoint or shard, a full disk: one line naming the file
+        print(f"vgim {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
