@@ -58,8 +58,7 @@ def transient(e: BaseException) -> bool:
     if isinstance(e, (ConnectionError, TimeoutError)):
         return True
     try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError  # noqa: PLC0415
-        from botocore.exceptions import HTTPClientError  # noqa: PLC0415
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError  # noqa: PLC0415
     except ImportError:
         return False
     return isinstance(e, (BotoConnectionError, HTTPClientError))
