@@ -293,8 +293,12 @@ def test_truncated_checkpoint_in_the_recovery_path_falls_back_to_an_intact_step(
         time.sleep(0.05)
     victim = json.loads((tmp_path / "workers" / "stage-1.json").read_text())["pid"]
     os.kill(victim, signal.SIGSTOP)     # the pipeline halts: no newer step can commit
-    time.sleep(1)                       # a commit already past its barrier lands
-    newest = ckpt.steps()[-1]
+    steps, still = ckpt.steps(), time.monotonic()
+    while time.monotonic() - still < 3:  # a commit already past its barrier lands
+        if ckpt.steps() != steps:
+            steps, still = ckpt.steps(), time.monotonic()
+        time.sleep(0.1)
+    newest = steps[-1]
     damaged = Path(ckpt.step_dir(newest)) / "module-0.train.safetensors"
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     os.kill(victim, signal.SIGKILL)
