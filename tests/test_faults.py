@@ -10,12 +10,15 @@ import logging
 import re
 from pathlib import Path
 
-from test_train import assert_bitwise_equal, cfg_for, final_state, run_cli
+import pytest
+
 from vgim_dist.data import readers
 from vgim_dist.data.prepare import prepare
 from vgim_dist.data.store import Store
 from vgim_dist.launch import train
 from vgim_dist.train.checkpoint import CheckpointManager
+
+from helpers import assert_bitwise_equal, cfg_for, final_state, run_cli
 
 
 def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
@@ -45,6 +48,7 @@ def test_flipped_bit_in_a_checkpoint_tensor_falls_back_to_the_previous_step(tmp_
     assert steps == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_truncated_only_checkpoint_stops_with_one_line_naming_it(tmp_path):
     sets = [a for s in ["data.crop=2560", "data.batch_size=4", "run.threads=1", f"run.dir={tmp_path}"]
             for a in ("--set", s)]
@@ -58,6 +62,7 @@ def test_truncated_only_checkpoint_stops_with_one_line_naming_it(tmp_path):
     assert "Traceback" not in resumed.stderr
 
 
+@pytest.mark.slow
 def test_full_disk_stops_at_once_naming_the_path_and_leaves_no_temporary_file(small_disk):
     sets = [a for s in ["data.crop=2560", "data.batch_size=4", "run.threads=1", f"run.dir={small_disk}",
                         "run.steps=6", "checkpoint.every=2"] for a in ("--set", s)]
@@ -71,6 +76,7 @@ def test_full_disk_stops_at_once_naming_the_path_and_leaves_no_temporary_file(sm
     assert CheckpointManager(str(small_disk)).newest_intact() == 2
 
 
+@pytest.mark.slow
 def test_damaged_shard_stops_training_with_one_line_naming_shard_and_row(librispeech_dir, tmp_path):
     shards = tmp_path / "shards"
     prepare(readers.librispeech(librispeech_dir), Store(str(shards)), log=lambda _line: None)

@@ -59,8 +59,8 @@ def test_a_slow_evaluator_skips_checkpoints_and_says_so(shards, tmp_path, caplog
     cfg = _cfg(shards, tmp_path / "run", "checkpoint.every=1", "eval.epochs=200", "eval.tasks=[syllables]")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(dump_config(cfg))  # what the evaluator rebuilds the encoder from
-    monitor = ProbeMonitor(cfg).start("subprocess")
-    runner = ReferenceRunner(cfg, "cpu", monitor=monitor)
+    monitor = ProbeMonitor(cfg)
+    runner = ReferenceRunner(cfg, "cpu", monitor=monitor)  # starts it
     calls = []
     committed = monitor.committed
 
@@ -81,7 +81,9 @@ def test_a_slow_evaluator_skips_checkpoints_and_says_so(shards, tmp_path, caplog
 
 def test_the_evaluator_is_another_process_at_lower_priority(shards, tmp_path):
     cfg = _cfg(shards, tmp_path / "run")
-    monitor = ProbeMonitor(cfg).start("subprocess")
+    from vgim_dist.train.metrics import MetricsLog  # noqa: PLC0415
+
+    monitor = ProbeMonitor(cfg).start("subprocess", MetricsLog(str(tmp_path / "run"), 12))
     try:
         proc = monitor._backend.proc
         deadline = time.monotonic() + 60

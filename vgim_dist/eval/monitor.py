@@ -56,13 +56,14 @@ def probe_checkpoint(cfg: Config, step: int) -> dict[str, float]:
 
 
 class ProbeMonitor:
-    """The trainer's side: ``committed(step)`` after each checkpoint commit, ``results()`` whenever convenient
-    (both return at once), ``close()`` at the end of training. Picklable until started, so a pipeline's
+    """The trainer's side (the run loop's `LoopPolicy` calls it): ``committed(step)`` after each checkpoint
+    commit (returns at once), ``close()`` at the end of training. Picklable until started, so a pipeline's
     driver can create it and hand it to the worker that owns the metrics."""
 
     def __init__(self, cfg: Config, parent: StageRef | None = None):
         self.cfg = cfg
         self.parent = parent  # the job's parent MLflow run, when tracked
+        self.metrics = None   # the run's `MetricsLog`, given at start
         self.commits = 0
         self.busy: int | None = None     # step being probed
         self.waiting: int | None = None  # the next step to probe
@@ -70,17 +71,21 @@ class ProbeMonitor:
         self._backend: _Subprocess | _Actor | None = None
         self._logger: StageLogger | None = None
 
-    def start(self, backend: str) -> ProbeMonitor:
-        """``backend``: ``subprocess`` (reference runner) or ``ray`` (an actor; call inside a Ray job)."""
+    def start(self, backend: str, metrics) -> ProbeMonitor:
+        """``backend``: ``subprocess`` (reference runner) or ``ray`` (an actor; call inside a Ray job);
+        ``metrics``: the `MetricsLog` that the results go into (and the parent MLflow run, if tracked)."""
+        self.metrics = metrics
         self._backend = _Subprocess(self.cfg) if backend == "subprocess" else _Actor(self.cfg)
         self._logger = StageLogger(self.parent)
         self._submit(0)
         return self
 
     def committed(self, step: int) -> None:
+        """A checkpoint was saved: probe it if it is an ``eval.every``-th one; collect finished results."""
         self.commits += 1
         if self.commits % self.cfg.eval.every == 0:
             self._submit(step)
+        self.results()
 
     def _submit(self, step: int) -> None:
         if self.busy is None:
@@ -94,11 +99,13 @@ class ProbeMonitor:
         self.waiting = step
 
     def results(self) -> list[Result]:
-        """Finished probes since the last call, oldest first, logged to the parent MLflow run; sends the
-        waiting step when the evaluator frees. The caller writes them into its metrics rows."""
+        """Finished probes since the last call, oldest first, added to the metrics rows and logged to the
+        parent MLflow run; sends the waiting step when the evaluator frees."""
         out = []
         for step, values in self._backend.poll():
             out.append((step, values))
+            if values:
+                self.metrics.add(step, values)
             log.info("evaluator: step %d %s", step, " ".join(f"{k[6:]} {v:.3f}" for k, v in values.items()))
             if values:
                 self._logger.log(step, values)
@@ -122,6 +129,7 @@ class ProbeMonitor:
             log.warning("evaluator: skipped %d checkpoints while behind: steps %s", len(self.skipped), self.skipped)
         self._backend.stop()
         self._logger.close()
+        self.metrics.flush()
         return out
 
 

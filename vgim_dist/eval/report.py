@@ -157,7 +157,8 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-widt
 
 
 def _img(path: Path) -> str:
-    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
 
 
 def _audio(path: Path) -> str:
@@ -309,7 +310,8 @@ def _run_section(r: RunResults, tsne: bool) -> str:
             parts.append("<p class='note'>Interpolation contribution: copy the top-n most different channels of "
                          f"z2 into z1, MSE of the decode against decode(z2) relative to n = 0, over "
                          f"{d['interpolation_pairs']} test pairs</p>"
-                         + _table(["n", *d["interpolation"]], [["score", *[f"{v:.3f}" for v in d["interpolation"].values()]]]))
+                         + _table(["n", *d["interpolation"]],
+                                  [["score", *[f"{v:.3f}" for v in d["interpolation"].values()]]]))
         pairs = [(e["id"], sf.read(base / e["original"], dtype="float32")[0],
                   sf.read(base / e["reconstruction"], dtype="float32")[0]) for e in d["examples"]]
         if pairs:

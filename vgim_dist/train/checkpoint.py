@@ -20,8 +20,7 @@ import logging
 import re
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from vgim_dist.parallel.deepspeed_engine import load_zero_partition_state, zero_partition_state
 from vgim_dist.storage import StorageFault, checksum, open_dir, read_bytes, retrying, shown, write_bytes

@@ -6,14 +6,23 @@ stages: a 1-stage reference run and a 4-stage pipeline draw the same noise and t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from vgim_dist.config import Config
+from vgim_dist.config import Config, RunConfig
 from vgim_dist.model import build_module
 from vgim_dist.parallel.data_parallel import GroupBatchNorm1d, ReplicaGroup
 from vgim_dist.seeding import derive_seed
+
+LOSS_TERMS = ("nce", "kl", "loss")
+
+
+def metric_names(module_ids: list[int]) -> list[str]:
+    """What `Stage.train_step` returns for modules ``module_ids``, in order: each module's loss terms."""
+    return [f"module.{i}.{t}" for i in module_ids for t in LOSS_TERMS]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,6 +32,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device: cuda requested but no CUDA device is visible")
     return torch.device(name)
+
+
+def configure_torch(run: RunConfig, device: torch.device) -> None:
+    """This process's torch settings that a run's numbers depend on: the thread count (oneDNN splits some
+    reductions by thread) and, with ``run.deterministic``, deterministic kernels. Call it before the first
+    CUDA operation: cuBLAS reads its workspace setting when it starts."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    if run.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(run.deterministic)
 
 
 def stage_generator(seed: int, module: int, device: torch.device) -> torch.Generator:
@@ -35,6 +55,7 @@ class Stage:
     index: int
     replicas: ReplicaGroup | None   # data-parallel group of this stage, if replicated
     module_ids: list[int]
+    metric_names: list[str]         # the keys of train_step's metrics, in order
     modules: nn.ModuleList          # GreedyModule per id
     optimizers: list[torch.optim.Adam]
     engines: list | None            # DeepSpeed engine per module (stage.engine: deepspeed)
@@ -46,6 +67,7 @@ class Stage:
                  replicas: ReplicaGroup | None = None):
         self.cfg, self.index, self.replicas = cfg, index, replicas
         self.module_ids = cfg.stage_modules()[index]
+        self.metric_names = metric_names(self.module_ids)
         self.device = torch.device(device)
         self.modules = nn.ModuleList([build_module(cfg.model, i, cfg.seed) for i in self.module_ids]).to(self.device)
         if replicas is not None:
@@ -91,16 +113,13 @@ class Stage:
                 self._deepspeed_update(self.engines[pos], out.loss, lr)
             else:
                 self._torch_update(module, self.optimizers[pos], out.loss, lr)
-            metrics[f"module.{i}.nce"] = out.nce.detach()
-            metrics[f"module.{i}.kl"] = out.kl.detach()
-            metrics[f"module.{i}.loss"] = out.loss.detach()
+            metrics.update(zip(metric_names([i]), (out.nce.detach(), out.kl.detach(), out.loss.detach())))
             x = out.output
         self.step += 1
         if self.replicas is not None:  # each replica holds its share of every loss term: report the sums
-            names = list(metrics)
-            total = torch.stack([metrics[n] for n in names])
+            total = torch.stack([metrics[n] for n in self.metric_names])
             dist.all_reduce(total, group=self.replicas.group)
-            metrics = dict(zip(names, total.unbind()))
+            metrics = dict(zip(self.metric_names, total.unbind()))
         return x, metrics
 
     def _torch_update(self, module: nn.Module, opt: torch.optim.Adam, loss: torch.Tensor, lr: float) -> None:
@@ -121,25 +140,6 @@ class Stage:
         # whose gradient is the SUM of the shares' gradients.
         engine.backward(loss * (self.replicas.world if self.replicas else 1))
         engine.step()
-
-    @torch.no_grad()
-    def eval_step(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss terms on a held-out batch: eval mode (BatchNorm statistics untouched), no_grad, and its own
-        generator per batch so that evaluation never shifts the training RNG streams."""
-        x = x.to(self.device)
-        metrics = {}
-        for i, module in zip(self.module_ids, self.modules):
-            module.eval()
-            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, "eval", i, batch))
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                out = module(x, gen)
-            metrics[f"module.{i}.nce"], metrics[f"module.{i}.kl"] = out.nce, out.kl
-            metrics[f"module.{i}.loss"] = out.loss
-            x = out.output
-        return x, metrics
-
-    def parameters(self) -> int:
-        return sum(p.numel() for p in self.modules.parameters() if p.requires_grad)
 
     # ----------------------------------------------------------------------------------- state
 
