@@ -26,7 +26,7 @@ def test_round_trip_is_exact_and_ordered(librispeech_dir, tmp_path):
     corpus = readers.librispeech(librispeech_dir)
     m = prepare(corpus, Store(str(tmp_path / "shards")), shard_size=4, log=_quiet)
     assert m["utterances"] == 18 and m["corpus"]["split_rule"] == "split files" and not m["skipped"]
-    assert len(m["splits"]["train"]["shards"]) == 4  # 14 train utterances in chunks of 4
+    assert len(m["splits"]["train"]["shards"]) == 3  # 12 train utterances (2 of 6 per speaker to test) in chunks of 4
     by_id = {it.id: it for it in corpus.items}
     for split in ("train", "test"):
         got = list(iter_utterances(str(tmp_path / "shards"), split, cache_dir=str(tmp_path / "cache")))
