@@ -113,12 +113,12 @@ def test_interrupted_prepare_resumes_without_loss_or_duplicates(librispeech_dir,
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus, Store(str(out)), shard_size=2, log=_quiet)
     monkeypatch.setattr(prepare_mod, "load_pcm16", real)
-    # test (3 utterances) goes first: then train shards 0 and 1 are complete, shard 2 half built.
+    # test (6 utterances) goes first: then test shards 0-2 and train shard 0 are complete, train shard 1 not.
     done = sorted(p.name for p in out.glob("*.parquet"))
-    assert done == ["test-00000.parquet", "test-00001.parquet", "train-00000.parquet", "train-00001.parquet"]
+    assert done == ["test-00000.parquet", "test-00001.parquet", "test-00002.parquet", "train-00000.parquet"]
     assert not (out / "manifest.json").exists()
     # A crash mid-write on a store without atomic rename leaves a truncated shard: it must be rebuilt.
-    torn = out / "train-00001.parquet"
+    torn = out / "train-00000.parquet"
     torn.write_bytes(torn.read_bytes()[:100])
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
 

@@ -31,11 +31,11 @@ FAST_PROBE = ProbeSettings(standardize=True)  # the method's epochs; z-scored: a
 
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory) -> dict:
-    """24 words x 2 speakers, clean (144 syllables), word and clean-split syllable shards, a 12-step tracked
-    smoke run."""
+    """24 words x 2 takes by one speaker at difficulty 0.2 (144 syllables), word and clean-split syllable
+    shards, a 12-step tracked smoke run."""
     root = tmp_path_factory.mktemp("eval")
     corpus = root / "corpus"
-    synth_deboer(corpus, words=24, voices_n=2, difficulty=0.0, seed=1)  # clean speech: these tests are mechanics
+    synth_deboer(corpus, words=24, voices_n=1, takes=2, difficulty=0.2, seed=1)  # easy: these tests are mechanics
     words, syllables = str(root / "words"), str(root / "syllables")
     assert data_main(["data", "prepare", str(corpus), "--format", "deboer", "--out", words]) == 0
     assert data_main(["data", "prepare", str(corpus), "--format", "deboer", "--level", "syllable",

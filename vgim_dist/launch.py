@@ -110,7 +110,7 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
                 from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
 
                 loggers = [StageLogger(tracker.stage_ref(s)) for s in range(len(cfg.stage_modules()))]
-                summary = ReferenceRunner(cfg, device, loggers, monitor and monitor.start("subprocess")).run(start)
+                summary = ReferenceRunner(cfg, device, loggers, monitor).run(start)
         except Interrupted:
             tracker.end("KILLED")   # resumable
             raise
