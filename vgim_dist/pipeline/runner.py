@@ -191,6 +191,8 @@ def stop_on_sigint(stop: ray.actor.ActorHandle):
 
 
 def stage_stats(rows: list[dict], stage_modules: list[list[int]]) -> list[dict]:
-    """Per stage: its modules and the mean of each of its statistics over the logged rows."""
+    """Per stage: its modules and the mean of each of its statistics over the logged training rows (not the
+    background evaluator's probe rows)."""
+    rows = [r for r in rows if "stage.0.step_time_s" in r]
     return [{"modules": modules, **{k: sum(r[f"stage.{s}.{k}"] for r in rows) / len(rows) for k in STAGE_STATS}}
             if rows else {"modules": modules} for s, modules in enumerate(stage_modules)]
