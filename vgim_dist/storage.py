@@ -28,15 +28,26 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols
 
 
+PARTIAL = ".tmp-"   # infix of the temporary name a local write goes through
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a file whole: to a temporary name then renamed on local disks, in one PUT on object stores,
     so that a reader never sees half a file."""
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     if is_local(fs):
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = f"{path}{PARTIAL}{os.getpid()}"
         with fs.open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def remove_partial(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Delete the temporary files that writers killed mid-write left directly under ``root`` (local disks
+    only: an object store never holds half a write). Only while no writer is running."""
+    if is_local(fs):
+        for path in fs.glob(f"{root}/*{PARTIAL}*"):
+            fs.rm(path)

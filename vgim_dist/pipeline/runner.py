@@ -3,12 +3,15 @@
 ``ray.init()`` joins the cluster named by RAY_ADDRESS (``vgim train --address`` sets it; a ``ray job submit``
 driver has it already) and otherwise starts Ray on this machine for the length of the run: the same code from
 a laptop to a cluster. Ray Train places the workers, sets up torch.distributed (gloo on CPU, NCCL on GPU) and,
-when a worker dies, restarts the whole group, which resumes from the newest committed checkpoint.
+when a worker dies, restarts the whole group, which resumes from the newest committed checkpoint. When the
+restarted group finds no room for ``pipeline.replan_after_s`` seconds (a node lost and not replaced), the
+driver re-plans the stages for the workers that fit and starts again from the newest committed checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -21,10 +24,15 @@ from pathlib import Path
 
 import pyarrow.fs
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2.api.exceptions import ControllerError
 
+from vgim_dist import ray_session
 from vgim_dist.config import Config
+from vgim_dist.pipeline.replan import Topology, fewer_workers
 from vgim_dist.pipeline.worker import STAGE_STATS, STEP_FILE, train_stage
 from vgim_dist.storage import is_local, open_dir
 from vgim_dist.tracking import StageRef
@@ -33,6 +41,7 @@ from vgim_dist.train.metrics import MetricsLog
 from vgim_dist.train.reference import Interrupted
 
 log = logging.getLogger(__name__)
+PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
 
 
 @ray.remote(num_cpus=0)
@@ -54,19 +63,17 @@ class PipelineRunner:
         self.cfg = cfg
         self.stage_refs = stage_refs or [None] * len(cfg.stage_modules())   # MLflow run per stage, if tracked
         self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
+        self.replans: list[dict] = []   # each re-plan after lost workers: when, from what, to what
+        self.resources: dict[str, float] = {}   # what each worker of the current plan reserves
 
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
         start = self.checkpoints.start_step(resume)
         if start:
             log.info("resuming from step %d", start)
-        owns_ray = not ray.is_initialized()
-        if owns_ray:
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            # Joining a cluster: RAY_ADDRESS. Starting one here: it listens on localhost only.
-            ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"_node_ip_address": "127.0.0.1"}))
+        owns_ray = ray_session.connect()
         try:
-            step = self.fit(start)
+            step = self.fit_elastic(start)
         finally:
             if owns_ray:
                 ray.shutdown()
@@ -74,32 +81,78 @@ class PipelineRunner:
         metrics.resume(step)
         if step < cfg.run.steps:
             raise Interrupted(f"stopped at step {step}; checkpoint saved, continue with --resume")
+        cfg = self.cfg   # re-planned, if workers were lost
         return {"steps": step, "final": metrics.rows[-1] if metrics.rows else {},
+                "stages": cfg.stage_modules(), "replicas": cfg.stage_replicas(), "replans": self.replans,
                 "stage_stats": stage_stats(metrics.rows, cfg.stage_modules())}
+
+    def fit_elastic(self, start: int) -> int:
+        """`fit`, re-planned for the workers left whenever a worker group finds no room for
+        ``pipeline.replan_after_s`` seconds; the step of the run's last checkpoint."""
+        while True:
+            t0 = time.monotonic()
+            try:
+                return self.fit(start)
+            except ControllerError as e:
+                if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
+                    raise
+                old = Topology(self.cfg.stage_modules(), self.cfg.stage_replicas())
+                room = placeable_workers(self.resources, self.cfg.pipeline.placement)
+                new = fewer_workers(old, room)
+                if room < 1 or new == old:
+                    raise RuntimeError(f"pipeline: no room for the workers of stages {old.stages} (replicas "
+                                       f"{old.replicas}) for {self.cfg.pipeline.replan_after_s:g} s, and the "
+                                       f"cluster holds {room} such workers now") from e
+                start = self.checkpoints.latest() or 0
+                log.warning("pipeline: room for %d of %d workers after %.0f s; re-planned stages %s replicas %s "
+                            "-> stages %s replicas %s, continuing from step %d", room, old.workers,
+                            time.monotonic() - t0, old.stages, old.replicas, new.stages, new.replicas, start)
+                self.replans.append({"step": start, "from": dataclasses.asdict(old), "to": dataclasses.asdict(new),
+                                     "workers_placeable": room})
+                self.stage_refs = [self.stage_refs[self.stage_of(s[0])] for s in new.stages]
+                self.cfg = dataclasses.replace(self.cfg, pipeline=dataclasses.replace(
+                    self.cfg.pipeline, stages=new.stages, replicas=new.replicas))
+
+    def stage_of(self, module: int) -> int:
+        """The stage holding ``module`` in the current plan."""
+        return next(s for s, modules in enumerate(self.cfg.stage_modules()) if module in modules)
+
+    def worker_resources(self, workers: int) -> dict[str, float]:
+        """What Ray reserves for each of ``workers`` workers."""
+        cpus = self.cfg.pipeline.cpus_per_stage or min(1.0, ray.cluster_resources().get("CPU", 1.0) / workers)
+        return {"CPU": cpus, **({"GPU": 1.0} if self.use_gpu() else {})}
 
     def fit(self, start: int) -> int:
         """Train from ``start`` on a Ray Train worker group; the step of the run's last checkpoint."""
         cfg = self.cfg
         stages, workers = len(cfg.stage_modules()), sum(cfg.stage_replicas())
         use_gpu = self.use_gpu()
-        cpus = cfg.pipeline.cpus_per_stage or min(1.0, ray.cluster_resources().get("CPU", 1.0) / workers)
-        stop = StopFlag.remote()
+        resources = self.resources = self.worker_resources(workers)
+        if cfg.pipeline.replan_after_s:
+            # Ray Train gives up placing a worker group after this long (propagated to its controller), and
+            # with no controller retries fit() raises, for fit_elastic to re-plan.
+            os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.pipeline.replan_after_s)
+        # On the driver's node: a flag on a node that is lost would read as set, and stop the run.
+        stop = StopFlag.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
         trainer = TorchTrainer(
             train_stage,
             train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                         placement_strategy=PLACEMENT[cfg.pipeline.placement]),
             run_config=RunConfig(
                 # A new Ray Train run per invocation: where to start is read from run.dir, never from Ray
                 # Train's memory of an earlier invocation.
-                name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
+                name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{len(self.replans)}",
                 **self.ray_storage(),
-                failure_config=FailureConfig(max_failures=cfg.pipeline.max_failures),
+                failure_config=FailureConfig(max_failures=cfg.pipeline.max_failures,
+                                             controller_failure_limit=0 if cfg.pipeline.replan_after_s else -1),
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
         )
-        log.info("pipeline: %d stages %s, replicas %s, on Ray %s, %.2g CPUs%s per worker, in-flight window %d",
-                 stages, cfg.stage_modules(), cfg.stage_replicas(), ray.__version__, cpus,
-                 " + 1 GPU" if use_gpu else "", cfg.pipeline.in_flight)
+        log.info("pipeline: %d stages %s, replicas %s, on Ray %s, %.2g CPUs%s per worker, placement %s, "
+                 "in-flight window %d", stages, cfg.stage_modules(), cfg.stage_replicas(), ray.__version__,
+                 resources["CPU"], " + 1 GPU" if use_gpu else "", cfg.pipeline.placement, cfg.pipeline.in_flight)
         with stop_on_sigint(stop):
             result = fit_in_thread(trainer)
         if result.checkpoint is None:   # nothing left to train: already at run.steps
@@ -158,7 +211,26 @@ def stop_on_sigint(stop: ray.actor.ActorHandle):
         signal.signal(signal.SIGINT, previous)
 
 
+def placeable_workers(resources: dict[str, float], placement: str) -> int:
+    """How many workers needing ``resources`` each the cluster's live nodes hold (one per node at most with
+    strict_spread)."""
+    total = 0
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        have = node["Resources"]
+        fits = min(int(have.get(k, 0.0) / v + 1e-9) for k, v in resources.items() if v > 0)
+        total += min(fits, 1) if placement == "strict_spread" else fits
+    return total
+
+
 def stage_stats(rows: list[dict], stage_modules: list[list[int]]) -> list[dict]:
-    """Per stage: its modules and the mean of each of its statistics over the logged rows."""
-    return [{"modules": modules, **{k: sum(r[f"stage.{s}.{k}"] for r in rows) / len(rows) for k in STAGE_STATS}}
-            if rows else {"modules": modules} for s, modules in enumerate(stage_modules)]
+    """Per stage: its modules and the mean of each of its statistics over the logged rows of this split (a
+    re-planned run logged the rows before its re-plan under another split)."""
+    out = []
+    for s, modules in enumerate(stage_modules):
+        n = len(stage_modules)
+        own = [r for r in rows if f"stage.{n - 1}.step_time_s" in r and f"stage.{n}.step_time_s" not in r]
+        out.append({"modules": modules, **({k: sum(r[f"stage.{s}.{k}"] for r in own) / len(own)
+                                             for k in STAGE_STATS} if own else {})})
+    return out

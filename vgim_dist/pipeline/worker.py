@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -172,7 +173,7 @@ class StageWorker:
         self.stage = Stage(cfg, s, self.device, self.replicas)
         self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
         self.start = self._restore()
-        self._announce()
+        where = self._announce()
 
         upstream = sum(len(metric_names(cfg, t)) for t in range(s))
         if s == 0:
@@ -187,6 +188,7 @@ class StageWorker:
         self.own = metric_names(cfg, s)
         # Replica 0 speaks for its stage: MLflow run, metrics rows.
         self.tracking = StageLogger(stage_refs[s] if self.replica == 0 else None)
+        self.tracking.set_tags({f"vgim.{k}": str(where[k]) for k in ("node", "node_id", "host", "device")})
         self.metrics = None
         if s == self.last and self.replica == 0:  # it sees every stage's numbers for a step last: it logs rows
             self.names = [n for t in range(s + 1) for n in metric_names(cfg, t)]
@@ -214,14 +216,17 @@ class StageWorker:
             self.checkpoints.load_stage(self.stage, start)
         return start
 
-    def _announce(self) -> None:
-        """``<run.dir>/workers/stage-<s>.json``: where each stage runs (pid, node), for operators and tests."""
+    def _announce(self) -> dict:
+        """``<run.dir>/workers/stage-<s>.json``: where each stage runs (pid, node: address, Ray node id, host
+        name), for operators and tests. Several Ray nodes can share one address, so the node id tells them apart."""
         fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
         info = {"stage": self.stage_index, "replica": self.replica, "modules": self.stage.module_ids,
-                "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(self.device),
-                "start": self.start}
+                "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+                "device": str(self.device), "start": self.start}
         name = f"stage-{self.stage_index}" + (f"-replica-{self.replica}" if self.replica else "")
         write_bytes(fs, f"{root}/workers/{name}.json", json.dumps(info).encode())
+        return info
 
     def run(self) -> None:
         cfg, every = self.cfg, self.cfg.checkpoint.every
