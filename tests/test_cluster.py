@@ -43,13 +43,15 @@ pytestmark = pytest.mark.timeout(600)
 class LocalCluster:
     """A head with no CPUs (the drivers and Ray Train's controller live there) and worker nodes of 1 CPU."""
 
-    def __init__(self, temp: Path):
+    def __init__(self):
         self.dashboard_port = free_port()
+        # Ray's default temp dir for every node: a driver started on this machine finds them all there and
+        # attaches to the head, which no test removes.
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "temp_dir": str(temp), "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
             "dashboard_port": self.dashboard_port,
-            # Notice a lost node within about a second instead of Ray's default 15 s.
-            "_system_config": {"health_check_period_ms": 300, "health_check_failure_threshold": 3}})
+            # Notice a lost node within about 3 s instead of Ray's default 15 s.
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 6}})
         self.workers = [self.add() for _ in range(2)]
 
     @property
@@ -74,14 +76,14 @@ class LocalCluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3_endpoint):
+def cluster(s3_endpoint):
     """Three nodes; they inherit the S3 test credentials. Drivers poll Ray Train's controller every 0.2 s."""
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "PATH": f"{BIN}:{os.environ['PATH']}"}.items():
             mp.setenv(k, v)
         mp.delenv("RAY_ADDRESS", raising=False)
-        c = LocalCluster(tmp_path_factory.mktemp("cluster"))
+        c = LocalCluster()
         try:
             yield c
         finally:
@@ -209,3 +211,31 @@ def test_node_lost_replaced_then_lost_for_good(cluster, bucket, s3_endpoint, tmp
     rows = [json.loads(line) for line in fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in rows] == list(range(10, steps + 1, 10))   # no step logged twice or lost
     assert_bitwise_equal(stored_state(run_dir, s3_endpoint), reference_state(tmp_path / "reference", steps))
+
+
+def test_data_prepare_on_the_cluster(cluster, bucket, s3_endpoint, librispeech_dir, tmp_path):
+    # The head has no CPUs: every shard is built by a task on a worker node and written straight to S3.
+    command = [str(BIN / "vgim"), "data", "prepare", str(librispeech_dir), "--format", "librispeech",
+               "--shard-size", "4"]
+    one = subprocess.run([*command, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    spread = subprocess.run([*command, "--out", f"{bucket}/shards", "--endpoint-url", s3_endpoint,
+                             "--address", cluster.address], capture_output=True, text=True, timeout=300)
+    assert spread.returncode == 0, spread.stderr[-3000:]
+    assert "[5/5 shards" in spread.stdout
+    fs, root = open_dir(f"{bucket}/shards", s3_endpoint)
+    assert json.loads(fs.cat_file(f"{root}/manifest.json")) == json.loads((tmp_path / "one/manifest.json").read_text())
+    for name in sorted(p.name for p in (tmp_path / "one").glob("*.parquet")):
+        assert fs.cat_file(f"{root}/{name}") == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_fewer_workers_drops_replicas_then_merges_the_last_stages():
+    from vgim_dist.pipeline.replan import Topology, fewer_workers
+
+    topo = Topology([[0], [1], [2], [3]], [2, 1, 1, 1])
+    assert fewer_workers(topo, 5) == topo
+    assert fewer_workers(topo, 4) == Topology([[0], [1], [2], [3]], [1, 1, 1, 1])
+    assert fewer_workers(topo, 3) == Topology([[0], [1], [2, 3]], [1, 1, 1])
+    assert fewer_workers(topo, 2) == Topology([[0], [1, 2, 3]], [1, 1])
+    assert fewer_workers(topo, 0) == Topology([[0, 1, 2, 3]], [1])
+    assert fewer_workers(Topology([[0], [1, 2, 3]], [2, 2]), 3) == Topology([[0], [1, 2, 3]], [1, 2])

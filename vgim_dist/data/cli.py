@@ -29,6 +29,9 @@ def _synth_librispeech(a: argparse.Namespace) -> int:
 
 def _prepare(a: argparse.Namespace) -> int:
     src = Path(a.src)
+    if a.workers < 0:
+        print(f"error: --workers must be 0 or more, got {a.workers}", file=sys.stderr)
+        return 2
     if not src.is_dir():
         print(f"error: no corpus folder {src}", file=sys.stderr)
         return 2

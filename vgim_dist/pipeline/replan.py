@@ -26,16 +26,15 @@ class Topology:
 def fewer_workers(topo: Topology, workers: int) -> Topology:
     """A topology of the same modules on at most ``workers`` workers (at least 1).
 
-    First replicas go (a replicated stage drops to one worker, the most replicated first), then adjacent
-    stages merge, the pair holding the fewest modules first and the later pair on a tie: the first module
-    is the heaviest, so its stage stays on its own longest.
+    First replicas go (a replicated stage drops to one worker, the most replicated first), then the last
+    two stages merge, again and again: the encoder's first modules are the heaviest (the first convolutions
+    run at the highest frame rate), so they keep their own workers longest.
     """
     stages, replicas = [list(s) for s in topo.stages], list(topo.replicas)
     while sum(replicas) > max(1, workers):
         if max(replicas) > 1:
             replicas[replicas.index(max(replicas))] = 1
             continue
-        pair = min(range(len(stages) - 1), key=lambda s: (len(stages[s]) + len(stages[s + 1]), -s))
-        stages[pair:pair + 2] = [stages[pair] + stages[pair + 1]]
-        del replicas[pair + 1]
+        stages[-2:] = [stages[-2] + stages[-1]]
+        del replicas[-1]
     return Topology(stages, replicas)

@@ -90,7 +90,6 @@ class PipelineRunner:
         """`fit`, re-planned for the workers left whenever a worker group finds no room for
         ``pipeline.replan_after_s`` seconds; the step of the run's last checkpoint."""
         while True:
-            t0 = time.monotonic()
             try:
                 return self.fit(start)
             except ControllerError as e:
@@ -99,14 +98,14 @@ class PipelineRunner:
                 old = Topology(self.cfg.stage_modules(), self.cfg.stage_replicas())
                 room = placeable_workers(self.resources, self.cfg.pipeline.placement)
                 new = fewer_workers(old, room)
-                if room < 1 or new == old:
-                    raise RuntimeError(f"pipeline: no room for the workers of stages {old.stages} (replicas "
-                                       f"{old.replicas}) for {self.cfg.pipeline.replan_after_s:g} s, and the "
-                                       f"cluster holds {room} such workers now") from e
                 start = self.checkpoints.latest() or 0
-                log.warning("pipeline: room for %d of %d workers after %.0f s; re-planned stages %s replicas %s "
-                            "-> stages %s replicas %s, continuing from step %d", room, old.workers,
-                            time.monotonic() - t0, old.stages, old.replicas, new.stages, new.replicas, start)
+                if new == old:  # a lost node not yet declared dead, or resources held by others: wait again
+                    log.warning("pipeline: no room for %d workers for %g s, though the live nodes hold %d; "
+                                "waiting again", old.workers, self.cfg.pipeline.replan_after_s, room)
+                    continue
+                log.warning("pipeline: room for %d of %d workers for %g s; re-planned stages %s replicas %s -> "
+                            "stages %s replicas %s, continuing from step %d", room, old.workers,
+                            self.cfg.pipeline.replan_after_s, old.stages, old.replicas, new.stages, new.replicas, start)
                 self.replans.append({"step": start, "from": dataclasses.asdict(old), "to": dataclasses.asdict(new),
                                      "workers_placeable": room})
                 self.stage_refs = [self.stage_refs[self.stage_of(s[0])] for s in new.stages]
