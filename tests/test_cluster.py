@@ -32,7 +32,7 @@ from vgim_dist.config import load_config
 from vgim_dist.storage import open_dir
 from vgim_dist.tracking.server import free_port
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.run import train
+from vgim_dist.launch import train
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,12 +230,12 @@ def test_data_prepare_on_the_cluster(cluster, bucket, s3_endpoint, librispeech_d
 
 
 def test_fewer_workers_drops_replicas_then_merges_the_last_stages():
-    from vgim_dist.pipeline.replan import Topology, fewer_workers
+    from vgim_dist.pipeline.replan import fewer_workers
 
-    topo = Topology([[0], [1], [2], [3]], [2, 1, 1, 1])
-    assert fewer_workers(topo, 5) == topo
-    assert fewer_workers(topo, 4) == Topology([[0], [1], [2], [3]], [1, 1, 1, 1])
-    assert fewer_workers(topo, 3) == Topology([[0], [1], [2, 3]], [1, 1, 1])
-    assert fewer_workers(topo, 2) == Topology([[0], [1, 2, 3]], [1, 1])
-    assert fewer_workers(topo, 0) == Topology([[0, 1, 2, 3]], [1])
-    assert fewer_workers(Topology([[0], [1, 2, 3]], [2, 2]), 3) == Topology([[0], [1, 2, 3]], [1, 2])
+    four = [[0], [1], [2], [3]]
+    assert fewer_workers(four, [2, 1, 1, 1], 5) == (four, [2, 1, 1, 1])
+    assert fewer_workers(four, [2, 1, 1, 1], 4) == (four, [1, 1, 1, 1])
+    assert fewer_workers(four, [2, 1, 1, 1], 3) == ([[0], [1], [2, 3]], [1, 1, 1])
+    assert fewer_workers(four, [2, 1, 1, 1], 2) == ([[0], [1, 2, 3]], [1, 1])
+    assert fewer_workers(four, [2, 1, 1, 1], 0) == ([[0, 1, 2, 3]], [1])
+    assert fewer_workers([[0], [1, 2, 3]], [2, 2], 3) == ([[0], [1, 2, 3]], [1, 2])

@@ -15,12 +15,12 @@ import requests
 import torch
 
 from vgim_dist.config import load_config
+from vgim_dist.launch import train
 from vgim_dist.model import build_module
 from vgim_dist.tracking import RunTracker, StageLogger, StageRef, stage_metrics
 from vgim_dist.tracking.server import free_port, wait_ready
 from vgim_dist.tracking.tracker import flat_params
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.run import train
 
 FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=2", "run.threads=1", "checkpoint.every=2"]
 MODEL = "vgim-test-encoder"
@@ -215,8 +215,8 @@ def test_disabled_tracking_touches_nothing(tmp_path):
     logger = StageLogger(None)
     logger.log(1, {"x": 1.0})
     logger.close()
-    tracker.finish({})
+    tracker.finish({}, [], lambda: None)
     assert list(tmp_path.iterdir()) == []
     # The reference runner imports the tracking package always; mlflow itself only when tracking is on.
-    probe = "import sys, vgim_dist.train.run; assert 'mlflow' not in sys.modules"
+    probe = "import sys, vgim_dist.launch; assert 'mlflow' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from vgim_dist.config import load_config
+from vgim_dist.launch import train
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.run import train
 from vgim_dist.train.stage import Stage
 
 # Small enough for seconds per run, with every mechanism of the smoke config (4 modules, BatchNorm, GRU).
@@ -88,6 +88,22 @@ def test_2n_steps_equal_n_then_restore_in_new_process_then_n(tmp_path):
     assert_bitwise_equal(final_state(tmp_path / "straight"), final_state(tmp_path / "split"))
     steps = [json.loads(l)["step"] for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]
+
+
+def test_refused_run_leaves_the_existing_run_untouched(tmp_path):
+    train(cfg_for(tmp_path, "run.steps=2"))
+    before = (tmp_path / "config.yaml").read_bytes()
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(cfg_for(tmp_path, "run.steps=4", "seed=7"))
+    assert (tmp_path / "config.yaml").read_bytes() == before
+    assert CheckpointManager(str(tmp_path)).steps() == [2]
+
+
+def test_resume_of_a_run_dir_without_a_run_is_refused(tmp_path):
+    missing = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match="holds no run"):
+        train(cfg_for(missing, "run.steps=2"), resume=True)
+    assert not missing.exists()                                 # nothing written, nothing trained
 
 
 def test_sigint_leaves_a_resumable_checkpoint(tmp_path):

@@ -1,7 +1,7 @@
 """The pipeline runner: a Ray Train worker group, one worker per stage (one GPU each on a cluster).
 
-``ray.init()`` joins the cluster named by RAY_ADDRESS (``vgim train --address`` sets it; a ``ray job submit``
-driver has it already) and otherwise starts Ray on this machine for the length of the run: the same code from
+``ray.init()`` joins the cluster given by ``vgim train --address`` (or, in a ``ray job submit`` driver, the
+one RAY_ADDRESS names) and otherwise starts Ray on this machine for the length of the run: the same code from
 a laptop to a cluster. Ray Train places the workers, sets up torch.distributed (gloo on CPU, NCCL on GPU) and,
 when a worker dies, restarts the whole group, which resumes from the newest committed checkpoint. When the
 restarted group finds no room for ``pipeline.replan_after_s`` seconds (a node lost and not replaced), the
@@ -32,13 +32,13 @@ from ray.train.v2.api.exceptions import ControllerError
 
 from vgim_dist import ray_session
 from vgim_dist.config import Config
-from vgim_dist.pipeline.replan import Topology, fewer_workers
+from vgim_dist.pipeline.replan import Replan, fewer_workers
 from vgim_dist.pipeline.worker import STAGE_STATS, STEP_FILE, train_stage
 from vgim_dist.storage import is_local, open_dir
 from vgim_dist.tracking import StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.loop import Interrupted
 from vgim_dist.train.metrics import MetricsLog
-from vgim_dist.train.reference import Interrupted
 
 log = logging.getLogger(__name__)
 PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
@@ -59,19 +59,22 @@ class StopFlag:
 
 
 class PipelineRunner:
-    def __init__(self, cfg: Config, stage_refs: list[StageRef | None] | None = None):
+    def __init__(self, cfg: Config, stage_refs: list[StageRef | None] | None = None, address: str = "",
+                 replan: Replan | None = None):
         self.cfg = cfg
         self.stage_refs = stage_refs or [None] * len(cfg.stage_modules())   # MLflow run per stage, if tracked
+        self.address = address      # Ray cluster to join; empty: a `ray job submit` driver's, else a local one
         self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
+        self.replan = replan or fewer_workers   # the layout for fewer workers, when some are lost
         self.replans: list[dict] = []   # each re-plan after lost workers: when, from what, to what
         self.resources: dict[str, float] = {}   # what each worker of the current plan reserves
 
-    def run(self, resume: bool = False) -> dict:
+    def run(self, start: int = 0) -> dict:
+        """Train from checkpoint ``start`` (0: fresh) to ``run.steps``."""
         cfg = self.cfg
-        start = self.checkpoints.start_step(resume)
         if start:
             log.info("resuming from step %d", start)
-        owns_ray = ray_session.connect()
+        owns_ray = ray_session.connect(self.address)
         try:
             step = self.fit_elastic(start)
         finally:
@@ -95,22 +98,26 @@ class PipelineRunner:
             except ControllerError as e:
                 if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
                     raise
-                old = Topology(self.cfg.stage_modules(), self.cfg.stage_replicas())
+                old = {"stages": self.cfg.stage_modules(), "replicas": self.cfg.stage_replicas()}
                 room = placeable_workers(self.resources, self.cfg.pipeline.placement)
-                new = fewer_workers(old, room)
+                try:
+                    stages, replicas = self.replan(old["stages"], old["replicas"], max(1, room))
+                except ValueError as why:   # the planner found no layout that fits: merge instead
+                    log.warning("pipeline: re-planning: %s; merging stages instead", why)
+                    stages, replicas = fewer_workers(old["stages"], old["replicas"], max(1, room))
+                new = {"stages": stages, "replicas": replicas}
                 start = self.checkpoints.latest() or 0
-                if new == old:  # a lost node not yet declared dead, or resources held by others: wait again
+                if new == old or sum(replicas) > max(1, room):
+                    # A lost node not yet declared dead, or resources others hold: wait again.
                     log.warning("pipeline: no room for %d workers for %g s, though the live nodes hold %d; "
-                                "waiting again", old.workers, self.cfg.pipeline.replan_after_s, room)
+                                "waiting again", sum(old["replicas"]), self.cfg.pipeline.replan_after_s, room)
                     continue
-                log.warning("pipeline: room for %d of %d workers for %g s; re-planned stages %s replicas %s -> "
-                            "stages %s replicas %s, continuing from step %d", room, old.workers,
-                            self.cfg.pipeline.replan_after_s, old.stages, old.replicas, new.stages, new.replicas, start)
-                self.replans.append({"step": start, "from": dataclasses.asdict(old), "to": dataclasses.asdict(new),
-                                     "workers_placeable": room})
-                self.stage_refs = [self.stage_refs[self.stage_of(s[0])] for s in new.stages]
+                log.warning("pipeline: room for %d of %d workers for %g s; re-planned %s -> %s, continuing from "
+                            "step %d", room, sum(old["replicas"]), self.cfg.pipeline.replan_after_s, old, new, start)
+                self.replans.append({"step": start, "from": old, "to": new, "workers_placeable": room})
+                self.stage_refs = [self.stage_refs[self.stage_of(s[0])] for s in stages]
                 self.cfg = dataclasses.replace(self.cfg, pipeline=dataclasses.replace(
-                    self.cfg.pipeline, stages=new.stages, replicas=new.replicas))
+                    self.cfg.pipeline, stages=stages, replicas=replicas))
 
     def stage_of(self, module: int) -> int:
         """The stage holding ``module`` in the current plan."""

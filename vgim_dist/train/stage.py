@@ -11,9 +11,18 @@ import torch.distributed as dist
 from torch import nn
 
 from vgim_dist.config import Config
-from vgim_dist.data.source import derive_seed
 from vgim_dist.model import build_module
 from vgim_dist.parallel.data_parallel import GroupBatchNorm1d, ReplicaGroup
+from vgim_dist.seeding import derive_seed
+
+
+def resolve_device(name: str) -> torch.device:
+    """``run.device`` as a torch device: ``auto`` is a GPU when one is visible."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device: cuda requested but no CUDA device is visible")
+    return torch.device(name)
 
 
 def stage_generator(seed: int, module: int, device: torch.device) -> torch.Generator:
