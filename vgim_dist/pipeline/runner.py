@@ -27,7 +27,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
 from ray.train.v2.api.exceptions import ControllerError
 
 from vgim_dist import ray_session
@@ -92,10 +92,19 @@ class PipelineRunner:
     def fit_elastic(self, start: int) -> int:
         """`fit`, re-planned for the workers left whenever a worker group finds no room for
         ``pipeline.replan_after_s`` seconds; the step of the run's last checkpoint."""
+        failed_starts = 0
         while True:
             try:
                 return self.fit(start)
             except ControllerError as e:
+                # Controller errors are not retried inside Ray Train when re-planning is on: a group that
+                # failed while starting (a node lost meanwhile) is started again here, within max_failures.
+                if isinstance(e.controller_failure, WorkerGroupStartupFailedError):
+                    failed_starts += 1
+                    if failed_starts > self.cfg.pipeline.max_failures >= 0:
+                        raise
+                    log.warning("pipeline: the worker group failed to start (%s); starting it again", e)
+                    continue
                 if not isinstance(e.controller_failure, WorkerGroupStartupTimeoutError):
                     raise
                 old = {"stages": self.cfg.stage_modules(), "replicas": self.cfg.stage_replicas()}
