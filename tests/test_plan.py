@@ -4,11 +4,13 @@ measured shape, and a real one measured here), ``vgim plan`` on the command line
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vgim_dist.config import ConfigError, load_config
@@ -193,6 +195,46 @@ def test_auto_needs_a_plan_before_use():
         cfg.stage_modules()
     with pytest.raises(ConfigError, match="replicas: auto needs run.runner: pipeline"):
         load_config("configs/smoke.yaml", ["pipeline.replicas=auto"])
+
+
+def test_flops_counted_from_shapes_match_torchs_counter():
+    """The MFU numerator: within 10 % of what torch's FlopCounterMode sees in a real training step (which
+    leaves out the elementwise positive scores that the shape count includes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vgim_dist.data.source import NoiseSource
+    from vgim_dist.model.flops import step_flops
+    from vgim_dist.train.stage import Stage
+
+    cfg = load_config("configs/smoke.yaml", ["pipeline.stages=[[0], [1], [2], [3]]"])
+    counted = step_flops(cfg.model, cfg.data.batch_size, cfg.data.crop)
+    x = NoiseSource(cfg.data, 0).batch(0)
+    for i in range(4):
+        stage = Stage(cfg, i)
+        with FlopCounterMode(display=False) as seen:
+            y, _ = stage.train_step(x)
+        assert seen.get_total_flops() == pytest.approx(counted[i], rel=0.10), f"module {i}"
+        x = y
+
+
+@pytest.mark.timeout(900)
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: every part of the GPU check on CPU, one JSON and one Markdown file."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path)], env=env,
+                   check=True, capture_output=True, timeout=850)
+    got = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert got["dry_run"] and got["environment"]["torch"] == torch.__version__
+    assert [r["precision"] for r in got["reference"]] == ["bf16", "fp32"]
+    for r in got["reference"]:
+        assert r["step_s"] > 0 and r["tflops_per_step"] > 0 and "error" not in r
+    assert "chosen:" in got["plan"]["table"]
+    assert got["pipeline"]["pipeline_step_s"] > 0 and got["pipeline"]["reference_step_s"] > 0
+    assert got["loader"]["windows_per_s_one_process"] > 0
+    assert "skipped" in got["compile"] or got["compile"].get("compiled") is True
+    md = (tmp_path / "gpu_check.md").read_text()
+    for heading in ("## Reference step", "## vgim plan", "## Pipeline", "## Loader", "## torch.compile"):
+        assert heading in md
 
 
 def test_a_planned_run_replans_with_the_planner_and_its_threads(tmp_path):

@@ -18,6 +18,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vgim_dist.launch import train  # noqa: PLC0415
+    from vgim_dist.storage import StorageFault  # noqa: PLC0415
     from vgim_dist.train.loop import Interrupted  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)
@@ -26,6 +27,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"vgim train: {e}", file=sys.stderr)
         return 130
+    except StorageFault as e:
+        print(f"vgim train: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"run_dir": cfg.run.dir, "steps": summary["steps"]}))
     return 0
 

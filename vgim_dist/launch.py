@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 def start_step(cfg: Config, resume: bool) -> int:
     """The step the run starts from, decided before anything is written: 0 for a new run; with ``resume``, the
-    latest complete checkpoint (0 if the run stopped before its first). Refuses a run directory that holds
-    checkpoints without ``resume``, and ``resume`` of a run directory that holds no run."""
-    latest = CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest()
+    newest intact committed checkpoint (0 if the run stopped before its first). Refuses a run directory that
+    holds checkpoints without ``resume``, and ``resume`` of a run directory that holds no run."""
+    checkpoints = CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url)
+    latest = checkpoints.latest()
     if not resume:
         if latest is not None:
             raise FileExistsError(f"run.dir {cfg.run.dir} already holds checkpoints (latest step {latest}); "
@@ -43,7 +44,7 @@ def start_step(cfg: Config, resume: bool) -> int:
                                     "checkpoint); check run.dir, or drop --resume to start a new run")
         log.warning("--resume: no checkpoint under %s yet, starting at step 0", cfg.run.dir)
         return 0
-    return latest
+    return checkpoints.newest_intact()
 
 
 def train(cfg: Config, resume: bool = False, address: str = "") -> dict:

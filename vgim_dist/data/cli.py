@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vgim_dist.data import readers
 from vgim_dist.data.audio import SAMPLE_RATE
-from vgim_dist.data.prepare import PrepareError, prepare
+from vgim_dist.data.prepare import PrepareError, prepare, verify
 from vgim_dist.data.store import Store, StoreError
 from vgim_dist.data.synth import synth_deboer, synth_librispeech
 
@@ -55,8 +55,20 @@ def _prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(a: argparse.Namespace) -> int:
+    try:
+        n, bad = verify(Store(a.uri, a.endpoint_url), log=lambda _line: None)
+    except (StoreError, PrepareError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for line in bad:
+        print(line, file=sys.stderr)
+    print(f"{n} shards verified in {a.uri}: " + (f"{len(bad)} damaged or missing" if bad else "all intact"))
+    return 1 if bad else 0
+
+
 def add_data_commands(subparsers) -> None:
-    """Register ``data synth deboer``, ``data synth librispeech`` and ``data prepare``."""
+    """Register ``data synth deboer``, ``data synth librispeech``, ``data prepare`` and ``data verify``."""
     data = subparsers.add_parser("data", help="synthesise corpora, prepare shards")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
@@ -95,6 +107,11 @@ def add_data_commands(subparsers) -> None:
                    help="deboer syllables: the corpus folders, or the split of each syllable's word")
     p.add_argument("--labels", help="folder: CSV with a path column and label columns")
     p.set_defaults(func=_prepare)
+
+    p = dsub.add_parser("verify", help="check every shard of a store against the checksums in its manifest")
+    p.add_argument("uri", help="local folder or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    p.set_defaults(func=_verify)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,37 +1,34 @@
 """Corpus -> int16 Parquet shards + ``manifest.json`` on a local path or s3://.
 
 Each split's utterances, in id order, are cut into fixed chunks of ``shard_size`` source files; chunk i
-becomes ``<split>-<i>.parquet``, written atomically with its own skip list and a fingerprint of its inputs
-in the Parquet footer. A re-run keeps every shard whose fingerprint matches and rebuilds the rest, so an
-interrupted run resumes with no utterance lost or duplicated. ``manifest.json`` is written last.
+becomes ``<split>-<i>.parquet`` (`prepare_shard`), written atomically with its own skip list and a fingerprint
+of its inputs in the Parquet footer. A re-run keeps every shard whose fingerprint matches and whose rows all
+match their checksums, and rebuilds the rest, so an interrupted run resumes with no utterance lost,
+duplicated or damaged. ``manifest.json`` is written last, with each shard's size and file checksum.
 
-Shards are independent, so they can be built in parallel: with ``workers`` (or a Ray cluster's ``address``)
-each shard to build is a Ray task that decodes its files and writes the shard straight to the store. A task
-whose worker dies is run again by Ray; the manifest is assembled in shard order from the shards' own
-records, so it is the same whichever way, and in whatever order, the shards were built.
+Shards are independent, so they can be made in parallel: with ``workers`` (or a Ray cluster's ``address``)
+each shard is a Ray task that checks or builds it and writes it straight to the store. A task whose worker
+dies is run again by Ray; the manifest is assembled in shard order from the shards' own records, so it is
+the same whichever way, and in whatever order, the shards were made.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from vgim_dist.data.audio import SAMPLE_RATE, BadAudio, load_pcm16
-from vgim_dist.data.readers import Corpus, Item
+from vgim_dist.data.readers import Corpus, Item, utf8_name
+from vgim_dist.data.shard import FORMAT_VERSION, SCHEMA, CorruptShard, decode, encode, footer_record
 from vgim_dist.data.store import Store
+from vgim_dist.storage import checksum
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SCHEMA = pa.schema([("id", pa.string()), ("speaker", pa.string()), ("labels", pa.string()),
-                    ("length", pa.int64()), ("audio", pa.large_binary())])  # audio: int16 little-endian
 
 
 class PrepareError(RuntimeError):
@@ -42,51 +39,12 @@ def _fingerprint(chunk: list[Item], min_samples: int) -> str:
     h = hashlib.sha256(f"v{FORMAT_VERSION} min_samples={min_samples}".encode())
     for it in chunk:  # a rewritten source file changes its size or mtime, so its shard is rebuilt
         st = it.path.stat()
-        h.update(f"\n{it.id}\t{it.path}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        h.update(f"\n{it.id}\t".encode() + os.fsencode(it.path) + f"\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
-def _existing(store: Store, name: str) -> dict | None:
-    """The footer record of a finished shard, or None when absent or unreadable (rebuilt then)."""
-    if not store.exists(name):
-        return None
-    try:
-        with store.open(name) as f:
-            meta = pq.read_metadata(f).metadata or {}
-        return json.loads(meta[b"vgim"])
-    except Exception:  # noqa: BLE001 - a truncated or foreign file is simply rebuilt
-        return None
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    """One shard: its name, its source files in id order and their fingerprint."""
-
-    split: str
-    name: str
-    chunk: list[Item]
-    fingerprint: str
-
-
-def plan_shards(corpus: Corpus, shard_size: int, min_samples: int) -> list[ShardJob]:
-    """Every shard of ``corpus``, split by split (sorted), utterances in id order."""
-    splits: dict[str, list[Item]] = {}
-    for it in sorted(corpus.items, key=lambda it: it.id):
-        splits.setdefault(it.split, []).append(it)
-    return [ShardJob(split, f"{split}-{i // shard_size:05d}.parquet", items[i:i + shard_size],
-                     _fingerprint(items[i:i + shard_size], min_samples))
-            for split, items in sorted(splits.items()) for i in range(0, len(items), shard_size)]
-
-
-def build_shard(job: ShardJob, store: Store, min_samples: int) -> dict:
-    """Decode the job's files, write its shard to ``store`` (atomically) and return the shard's record."""
-    record = {"fingerprint": job.fingerprint}
-    store.write_bytes(job.name, _build(job.chunk, min_samples, record))
-    return record
-
-
 def _build(chunk: list[Item], min_samples: int, record: dict) -> bytes:
-    rows: dict[str, list] = {f: [] for f in SCHEMA.names}
+    rows: dict[str, list] = {f: [] for f in SCHEMA.names[:-1]}
     skipped, fixes = [], Counter()
     for it in chunk:
         try:
@@ -94,57 +52,88 @@ def _build(chunk: list[Item], min_samples: int, record: dict) -> bytes:
             if len(pcm) < min_samples:
                 raise BadAudio(f"too short: {len(pcm)} samples < {min_samples}")
         except BadAudio as e:
-            skipped.append({"id": it.id, "path": str(it.path), "reason": str(e)})
+            skipped.append({"id": it.id, "path": utf8_name(it.path), "reason": str(e)})
             continue
         fixes.update(repairs)
-        for f, v in zip(SCHEMA.names, (it.id, it.speaker, json.dumps(it.labels, sort_keys=True), len(pcm),
+        for f, v in zip(SCHEMA.names[:-1], (it.id, it.speaker, json.dumps(it.labels, sort_keys=True), len(pcm),
                                        pcm.astype("<i2").tobytes())):
             rows[f].append(v)
     record.update(utterances=len(rows["id"]), samples=int(sum(rows["length"])), skipped=skipped,
                   fixes=dict(fixes), speakers=sorted(set(rows["speaker"])))
-    table = pa.table(rows, schema=SCHEMA).replace_schema_metadata({"vgim": json.dumps(record)})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=max(1, len(chunk)))
-    return buf.getvalue()
+    return encode(rows, record)
+
+
+def prepare_shard(store: Store, name: str, chunk: list[Item], min_samples: int) -> tuple[dict, dict, str]:
+    """Make shard ``name`` of ``chunk``: (its footer record, its manifest entry, a line saying what was done).
+    An existing shard is kept when it was made from the same inputs and every row matches its checksum."""
+    fp = _fingerprint(chunk, min_samples)
+    data = store.read_bytes(name) if store.exists(name) else None
+    record = footer_record(data) if data is not None else None
+    done = ""
+    if record is not None and record.get("fingerprint") == fp:
+        try:
+            decode(f"{store.uri}/{name}", data, want=None)
+            done = f"kept {name} (already complete, every row verified)"
+        except CorruptShard as e:
+            done = f"rebuilt {name}: {e}"
+    if not done.startswith("kept"):
+        record = {"fingerprint": fp}
+        data = _build(chunk, min_samples, record)
+        store.write_bytes(name, data)
+        done = done or f"wrote {name}"
+        done += f": {record['utterances']} utterances, {len(record['skipped'])} skipped"
+    entry = {"name": name, "utterances": record["utterances"], "samples": record["samples"], "fingerprint": fp,
+             "bytes": len(data), "xxh3_64": checksum(data)}
+    return record, entry, done
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to make: its split, its name and its source files, in id order."""
+
+    split: str
+    name: str
+    chunk: list[Item]
+
+
+def plan_shards(corpus: Corpus, shard_size: int) -> list[ShardJob]:
+    """Every shard of ``corpus``, split by split (sorted), utterances in id order."""
+    splits: dict[str, list[Item]] = {}
+    for it in sorted(corpus.items, key=lambda it: it.id):
+        splits.setdefault(it.split, []).append(it)
+    return [ShardJob(split, f"{split}-{i // shard_size:05d}.parquet", items[i:i + shard_size])
+            for split, items in sorted(splits.items()) for i in range(0, len(items), shard_size)]
 
 
 def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: int = 1,
             log: Callable[[str], None] = print, workers: int = 0, address: str = "") -> dict:
-    """Write (or finish writing) the shards for ``corpus`` and return the manifest. ``workers`` > 0 builds
+    """Write (or finish writing) the shards for ``corpus`` and return the manifest. ``workers`` > 0 makes the
     shards as Ray tasks on a private Ray of that many CPUs on this machine; ``address`` on that Ray cluster
     (every node must read the corpus at the same path)."""
     if not corpus.items and not corpus.skipped:
         raise PrepareError(f"no audio files found in {corpus.info.get('source', 'the corpus')}")
     store.check(create=True)
-    jobs = plan_shards(corpus, shard_size, min_samples)
-    records: dict[str, dict] = {}
-    for job in jobs:
-        record = _existing(store, job.name)
-        if record is not None and record.get("fingerprint") == job.fingerprint:
-            records[job.name] = record
-            log(f"kept {job.name} (already complete)")
-    todo = [job for job in jobs if job.name not in records]
-    built = _build_on_ray(todo, store, min_samples, workers, address) if workers or address else (
-        (job, build_shard(job, store, min_samples)) for job in todo)
-    t0, utterances = time.perf_counter(), 0
-    for done, (job, record) in enumerate(built, 1):
-        records[job.name] = record
-        utterances += record["utterances"] + len(record["skipped"])
-        log(f"wrote {job.name}: {record['utterances']} utterances, {len(record['skipped'])} skipped "
-            f"[{done}/{len(todo)} shards, {utterances / (time.perf_counter() - t0):.0f} files/s]")
-    store.remove_partial()   # half-written files of workers that died mid-write
+    jobs = plan_shards(corpus, shard_size)
+    made = _on_ray(jobs, store, min_samples, workers, address) if workers or address else (
+        (job, prepare_shard(store, job.name, job.chunk, min_samples)) for job in jobs)
+    results: dict[str, tuple[dict, dict]] = {}
+    t0, files = time.perf_counter(), 0
+    for n, (job, (record, entry, done)) in enumerate(made, 1):   # in the order they finish
+        results[job.name] = record, entry
+        files += len(job.chunk)
+        log(f"{done} [{n}/{len(jobs)} shards, {files / (time.perf_counter() - t0):.0f} files/s]")
+    store.remove_partial()   # what workers that died mid-write left behind
 
     manifest = {"format_version": FORMAT_VERSION, "sample_rate": SAMPLE_RATE, "dtype": "int16",
                 "corpus": corpus.info, "splits": {}, "skipped": list(corpus.skipped), "fixes": Counter()}
     for split in sorted({job.split for job in jobs}):
         shards, speakers = [], set()
         for job in (j for j in jobs if j.split == split):
-            record = records[job.name]
+            record, entry = results[job.name]
             manifest["skipped"] += record["skipped"]
             manifest["fixes"].update(record["fixes"])
             speakers.update(record["speakers"])
-            shards.append({"name": job.name, "utterances": record["utterances"], "samples": record["samples"],
-                           "fingerprint": job.fingerprint})
+            shards.append(entry)
         n, samples = sum(s["utterances"] for s in shards), sum(s["samples"] for s in shards)
         manifest["splits"][split] = {"utterances": n, "samples": samples, "seconds": samples / SAMPLE_RATE,
                                      "speakers": len(speakers), "shards": shards}
@@ -159,22 +148,47 @@ def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: in
     return manifest
 
 
-def _build_on_ray(jobs: list[ShardJob], store: Store, min_samples: int, workers: int,
-                  address: str) -> Iterator[tuple[ShardJob, dict]]:
-    """(job, record) of every job, in the order they finish, each built by a Ray task (one CPU each)."""
+def _on_ray(jobs: list[ShardJob], store: Store, min_samples: int, workers: int,
+            address: str) -> Iterator[tuple[ShardJob, tuple[dict, dict, str]]]:
+    """(job, what `prepare_shard` returned) for every job, in the order they finish, each a Ray task of one CPU."""
     import ray  # noqa: PLC0415 - only for parallel preparation
 
     from vgim_dist import ray_session  # noqa: PLC0415
 
     owns = ray_session.connect(address, num_cpus=workers or None)
     try:
-        # A task whose worker dies is retried (a shard is only ever written whole, so a retry is safe).
-        task = ray.remote(num_cpus=1, max_retries=3)(build_shard)
-        pending = {task.remote(job, store, min_samples): job for job in jobs}
+        # A task whose worker dies is run again: a shard is only ever written whole, so that is safe.
+        task = ray.remote(num_cpus=1, max_retries=3)(prepare_shard)
+        pending = {task.remote(store, job.name, job.chunk, min_samples): job for job in jobs}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ready[0])
-            yield job, ray.get(ready[0])
+            yield pending.pop(ready[0]), ray.get(ready[0])
     finally:
         if owns:
             ray.shutdown()
+
+
+def verify(store: Store, log: Callable[[str], None] = print) -> tuple[int, list[str]]:
+    """Check every shard ``manifest.json`` lists against its checksum: (shards checked, one line per damaged or
+    missing shard, naming the row where it can)."""
+    try:
+        manifest = json.loads(store.read_bytes(MANIFEST))
+    except FileNotFoundError:
+        raise PrepareError(f"no {MANIFEST} in {store}") from None
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    bad = []
+    for shard in shards:
+        name = f"{store.uri}/{shard['name']}"
+        try:
+            data = store.read_bytes(shard["name"])
+        except FileNotFoundError:
+            bad.append(f"shard {name}: missing")
+            continue
+        if shard.get("xxh3_64") is None or checksum(data) != shard["xxh3_64"]:
+            try:
+                decode(name, data, shard.get("xxh3_64"))
+            except CorruptShard as e:
+                bad.append(str(e))
+                continue
+        log(f"ok {shard['name']}")
+    return len(shards), bad

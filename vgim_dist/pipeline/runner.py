@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -20,21 +19,19 @@ import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
-from pathlib import Path
 
-import pyarrow.fs
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
 from ray.train.v2.api.exceptions import ControllerError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vgim_dist import ray_session
 from vgim_dist.config import Config
 from vgim_dist.pipeline.replan import Replan, fewer_workers
-from vgim_dist.pipeline.worker import STAGE_STATS, STEP_FILE, train_stage
-from vgim_dist.storage import is_local, open_dir
+from vgim_dist.pipeline.worker import STAGE_STATS, train_stage
+from vgim_dist.storage import StorageFault, is_local, open_dir
 from vgim_dist.tracking import StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.loop import Interrupted
@@ -56,6 +53,21 @@ class StopFlag:
 
     async def wait(self) -> None:
         await self.event.wait()
+
+
+@ray.remote(num_cpus=0)
+class FatalFault:
+    """The first fault a worker hit that no restart can fix (its one-line message); restarted workers that find
+    one end at once, and the driver raises it."""
+
+    def __init__(self):
+        self.message = ""
+
+    def record(self, message: str) -> None:
+        self.message = self.message or message
+
+    def get(self) -> str:
+        return self.message
 
 
 class PipelineRunner:
@@ -132,27 +144,24 @@ class PipelineRunner:
         """The stage holding ``module`` in the current plan."""
         return next(s for s, modules in enumerate(self.cfg.stage_modules()) if module in modules)
 
-    def worker_resources(self, workers: int) -> dict[str, float]:
-        """What Ray reserves for each of ``workers`` workers."""
-        cpus = self.cfg.pipeline.cpus_per_stage or min(1.0, ray.cluster_resources().get("CPU", 1.0) / workers)
-        return {"CPU": cpus, **({"GPU": 1.0} if self.use_gpu() else {})}
-
     def fit(self, start: int) -> int:
         """Train from ``start`` on a Ray Train worker group; the step of the run's last checkpoint."""
         cfg = self.cfg
         stages, workers = len(cfg.stage_modules()), sum(cfg.stage_replicas())
-        use_gpu = self.use_gpu()
-        resources = self.resources = self.worker_resources(workers)
+        use_gpu, resources = placement(cfg, ray.cluster_resources())
+        self.resources = resources
         if cfg.pipeline.replan_after_s:
             # Ray Train gives up placing a worker group after this long (propagated to its controller), and
             # with no controller retries fit() raises, for fit_elastic to re-plan.
             os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.pipeline.replan_after_s)
-        # On the driver's node: a flag on a node that is lost would read as set, and stop the run.
-        stop = StopFlag.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=False)).remote()
+        # On the driver's node: an actor on a node that is lost would read as stopped or faulted.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        stop, fault = StopFlag.options(scheduling_strategy=here).remote(), FatalFault.options(
+            scheduling_strategy=here).remote()
         trainer = TorchTrainer(
             train_stage,
-            train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs},
+            train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs,
+                               "fault": fault},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                          placement_strategy=PLACEMENT[cfg.pipeline.placement]),
             run_config=RunConfig(
@@ -162,33 +171,48 @@ class PipelineRunner:
                 **self.ray_storage(),
                 failure_config=FailureConfig(max_failures=cfg.pipeline.max_failures,
                                              controller_failure_limit=0 if cfg.pipeline.replan_after_s else -1),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
         )
         log.info("pipeline: %d stages %s, replicas %s, on Ray %s, %.2g CPUs%s per worker, placement %s, "
                  "in-flight window %d", stages, cfg.stage_modules(), cfg.stage_replicas(), ray.__version__,
-                 resources["CPU"], " + 1 GPU" if use_gpu else "", cfg.pipeline.placement, cfg.pipeline.in_flight)
+                 resources["CPU"], f" + {resources['GPU']:g} GPU" if use_gpu else "", cfg.pipeline.placement,
+                 cfg.pipeline.in_flight)
         with stop_on_sigint(stop):
-            result = fit_in_thread(trainer)
-        if result.checkpoint is None:   # nothing left to train: already at run.steps
-            return start
-        with result.checkpoint.as_directory() as d:
-            return json.loads(Path(d, STEP_FILE).read_text())["step"]
-
-    def use_gpu(self) -> bool:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if self.cfg.run.device == "cuda" and not gpus:
-            raise RuntimeError("run.device: cuda requested but the Ray cluster has no GPU")
-        return self.cfg.run.device == "cuda" or (self.cfg.run.device == "auto" and gpus > 0)
+            fit_in_thread(trainer)
+        if message := ray.get(fault.get.remote()):
+            raise StorageFault(message)
+        # run.dir, not Ray Train, records the checkpoints: the run ends at the newest committed one
+        return CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest() or start
 
     def ray_storage(self) -> dict:
-        """Ray Train's own storage (its run state and the step markers reported to it): ``<run.dir>/ray``,
-        shared by every node when run.dir is on S3."""
+        """Ray Train's own state, on the driver's disk: ``<run.dir>/ray`` for a local run.dir, else Ray's default
+        (``~/ray_results``). Its controller lives beside the driver and fails when it cannot write this state,
+        so it never goes where an outage of a remote run store could reach it; workers write nothing there."""
         fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
-        if is_local(fs):
-            return {"storage_path": os.path.abspath(f"{root}/ray")}
-        return {"storage_path": f"{root}/ray",
-                "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+        return {"storage_path": os.path.abspath(f"{root}/ray")} if is_local(fs) else {}
+
+
+def placement(cfg: Config, cluster: dict[str, float]) -> tuple[bool, dict[str, float]]:
+    """(use_gpu, resources per worker) for the worker group on a cluster with ``cluster`` resources.
+
+    A worker asks for ``pipeline.gpus_per_stage`` of a GPU (default a whole one): with 0.5, two stage workers
+    share each GPU, so a pipeline of more stages than GPUs still places (Ray packs fractional requests onto
+    one device). CPUs: ``pipeline.cpus_per_stage``, default an equal share of the cluster's, at most one.
+    """
+    workers = sum(cfg.stage_replicas())
+    gpus = cluster.get("GPU", 0)
+    if cfg.run.device == "cuda" and not gpus:
+        raise RuntimeError("run.device: cuda requested but the Ray cluster has no GPU")
+    use_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and gpus > 0)
+    resources = {"CPU": cfg.pipeline.cpus_per_stage or min(1.0, cluster.get("CPU", 1.0) / workers)}
+    if use_gpu:
+        share = cfg.pipeline.gpus_per_stage or 1.0
+        if workers * share > gpus + 1e-9:
+            raise RuntimeError(f"pipeline: {workers} workers x {share:g} GPU each need {workers * share:g} GPUs, "
+                               f"the Ray cluster has {gpus:g}; set pipeline.gpus_per_stage to at most "
+                               f"{gpus / workers:.3g} to share them, or plan with pipeline.stages: auto")
+        resources["GPU"] = share
+    return use_gpu, resources
 
 
 def fit_in_thread(trainer: TorchTrainer) -> Result:

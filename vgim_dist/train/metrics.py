@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from vgim_dist.storage import open_dir, write_bytes
+from vgim_dist.storage import open_dir, read_bytes, write_bytes
 
 
 class MetricsLog:
@@ -22,9 +22,11 @@ class MetricsLog:
         self.rows: list[dict] = []
 
     def resume(self, step: int) -> None:
-        if self.fs.exists(self.path):
-            rows = [json.loads(line) for line in self.fs.cat_file(self.path).decode().splitlines() if line]
-            self.rows = [r for r in rows if r["step"] <= step]
+        try:
+            text = read_bytes(self.fs, self.path).decode()
+        except FileNotFoundError:
+            return
+        self.rows = [r for r in map(json.loads, filter(None, text.splitlines())) if r["step"] <= step]
 
     def record(self, step: int, values: dict[str, torch.Tensor | float]) -> dict:
         row = {"step": step, **{k: float(v) for k, v in values.items()}}
