@@ -1,9 +1,9 @@
 """Data preparation throughput: utterances per second in one process, and as Ray tasks on 1 and 2 workers.
 
-    .venv/bin/python benchmarks/prepare.py [--speakers 60] [--utterances 50] [--shard-size 64]
+    .venv/bin/python benchmarks/prepare.py [--speakers 20] [--utterances 25] [--copies 6] [--shard-size 64]
 
-A synthetic LibriSpeech-layout corpus (espeak-ng sentences, 16 kHz FLAC; built once under build/) is
-prepared into fresh local shard folders three ways, all in one invocation. For Ray, the private Ray and its
+A synthetic LibriSpeech-layout corpus (espeak-ng sentences, 16 kHz FLAC, 3,000 utterances by default; built
+once under build/) is prepared into fresh local shard folders three ways, all in one invocation. For Ray, the private Ray and its
 worker processes are started (and the shard code imported in each) before the clock starts, so the figures
 are steady-state throughput; the start itself is printed separately. The machine's load average is printed
 before and after: on a shared machine it says how far the figures can be trusted.
@@ -30,13 +30,39 @@ from vgim_dist.data.synth import synth_librispeech
 LIBRISPEECH_960 = 281_241   # utterances in train-clean-100 + train-clean-360 + train-other-500
 
 
-def corpus_dir(speakers: int, utterances: int) -> Path:
-    root = Path(__file__).resolve().parents[1] / "build" / f"bench-librispeech-{speakers}x{utterances}"
-    if not (root / "train_split.txt").exists():
+def corpus_dir(speakers: int, utterances: int, copies: int) -> Path:
+    """``speakers x utterances`` espeak-ng sentences, then ``copies`` of that corpus under other speaker ids
+    (hard links: decoding costs the same, synthesis only once), in the LibriSpeech layout with split files."""
+    build = Path(__file__).resolve().parents[1] / "build"
+    base = build / f"bench-librispeech-{speakers}x{utterances}"
+    if not (base / "train_split.txt").exists():
         t0 = time.perf_counter()
+        shutil.rmtree(base, ignore_errors=True)
+        synth_librispeech(base, speakers=speakers, utterances=utterances, seed=0)
+        print(f"synthesised {speakers * utterances} utterances in {time.perf_counter() - t0:.0f} s -> {base}")
+    root = build / f"bench-librispeech-{speakers}x{utterances}x{copies}"
+    if not (root / "train_split.txt").exists():
         shutil.rmtree(root, ignore_errors=True)
-        synth_librispeech(root, speakers=speakers, utterances=utterances, seed=0)
-        print(f"synthesised {speakers * utterances} utterances in {time.perf_counter() - t0:.0f} s -> {root}")
+        splits = {name: (base / f"{name}_split.txt").read_text().split() for name in ("train", "test")}
+        for c in range(copies):
+            def renamed(uid: str) -> str:   # speaker 100 -> 100 + 1000 c, chapter likewise
+                spk, chapter, utt = uid.split("-")
+                return f"{int(spk) + 1000 * c}-{int(chapter) + 1000 * c}-{utt}"
+            for f in base.rglob("*.flac"):
+                uid = renamed(f.stem)
+                spk, chapter, _ = uid.split("-")
+                folder = root / "train-clean-100" / spk / chapter
+                folder.mkdir(parents=True, exist_ok=True)
+                os.link(f, folder / f"{uid}.flac")
+            for t in base.rglob("*.trans.txt"):
+                lines = [f"{renamed(line.split(' ', 1)[0])} {line.split(' ', 1)[1]}"
+                         for line in t.read_text().splitlines()]
+                spk, chapter = renamed(t.name.split(".")[0] + "-0").split("-")[:2]
+                (root / "train-clean-100" / spk / chapter / f"{spk}-{chapter}.trans.txt").write_text(
+                    "\n".join(lines) + "\n")
+            for name, ids in splits.items():
+                with open(root / f"{name}_split.txt", "a") as out:
+                    out.write("".join(f"{renamed(u)}\n" for u in ids))
     return root
 
 
@@ -56,11 +82,12 @@ def timed(corpus: readers.Corpus, out: Path, shard_size: int, workers: int) -> f
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--speakers", type=int, default=60)
-    p.add_argument("--utterances", type=int, default=50, help="per speaker")
+    p.add_argument("--speakers", type=int, default=20)
+    p.add_argument("--utterances", type=int, default=25, help="per speaker")
+    p.add_argument("--copies", type=int, default=6, help="copies of the synthesised corpus, under other speakers")
     p.add_argument("--shard-size", type=int, default=64)
     a = p.parse_args()
-    corpus = readers.librispeech(corpus_dir(a.speakers, a.utterances))
+    corpus = readers.librispeech(corpus_dir(a.speakers, a.utterances, a.copies))
     n = len(corpus.items)
     hours = sum(it.path.stat().st_size for it in corpus.items)
     print(f"{n} utterances ({hours / 2**20:.0f} MiB of FLAC), shards of {a.shard_size}, {os.cpu_count()} CPUs, "

@@ -195,7 +195,8 @@ def test_node_lost_replaced_then_lost_for_good(cluster, bucket, s3_endpoint, tmp
                           lambda: (w := stage(0)).get("modules") == [0, 1, 2, 3] and w, proc)
         second_recovery = time.monotonic() - t0
         _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-4000:]
+        assert proc.returncode == 0, "\n".join(line for line in err.splitlines()
+                                               if "RayTrainWorker" not in line and "Found multiple" not in line)[-6000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -239,3 +240,18 @@ def test_fewer_workers_drops_replicas_then_merges_the_last_stages():
     assert fewer_workers(four, [2, 1, 1, 1], 2) == ([[0], [1, 2, 3]], [1, 1])
     assert fewer_workers(four, [2, 1, 1, 1], 0) == ([[0, 1, 2, 3]], [1])
     assert fewer_workers([[0], [1, 2, 3]], [2, 2], 3) == ([[0], [1, 2, 3]], [1, 2])
+
+
+def test_checkpoints_written_elsewhere_are_seen_on_s3(bucket, s3_endpoint):
+    """The driver lists run.dir while workers on other nodes commit to it: a listing it made before must not
+    hide a newer checkpoint (s3fs caches listings per filesystem instance)."""
+    import s3fs
+
+    from vgim_dist.train.checkpoint import MARKER
+
+    ckpt = CheckpointManager(f"{bucket}/listing", endpoint_url=s3_endpoint)
+    other = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    other.pipe(f"{ckpt.step_dir(10)}/{MARKER}", b"{}")
+    assert ckpt.latest() == 10
+    other.pipe(f"{ckpt.step_dir(20)}/{MARKER}", b"{}")   # a worker commits the next one
+    assert ckpt.latest() == 20
