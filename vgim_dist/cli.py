@@ -8,6 +8,7 @@ import logging
 import sys
 
 from vgim_dist.config import ConfigError, load_config
+from vgim_dist.storage import StorageFault
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -18,7 +19,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vgim_dist.launch import train  # noqa: PLC0415
-    from vgim_dist.storage import StorageFault  # noqa: PLC0415
     from vgim_dist.train.loop import Interrupted  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)
@@ -27,9 +27,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"vgim train: {e}", file=sys.stderr)
         return 130
-    except StorageFault as e:
-        print(f"vgim train: {e}", file=sys.stderr)
-        return 1
     print(json.dumps({"run_dir": cfg.run.dir, "steps": summary["steps"]}))
     return 0
 
@@ -143,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vgim: config error: {e}", file=sys.stderr)
         return 2
+    except StorageFault as e:  # a damaged checkpoint or shard, a full disk: one line naming the file
+        print(f"vgim {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
