@@ -1,12 +1,14 @@
 """Data preparation throughput: utterances per second in one process, and as Ray tasks on 1 and 2 workers.
 
-    .venv/bin/python benchmarks/prepare.py [--speakers 20] [--utterances 25] [--copies 6] [--shard-size 64]
+    .venv/bin/python benchmarks/prepare.py [--speakers 20] [--utterances 25] [--copies 6]
+        [--shard-size 64]
 
-A synthetic LibriSpeech-layout corpus (espeak-ng sentences, 16 kHz FLAC, 3,000 utterances by default; built
-once under build/) is prepared into fresh local shard folders three ways, all in one invocation. For Ray, the private Ray and its
-worker processes are started (and the shard code imported in each) before the clock starts, so the figures
-are steady-state throughput; the start itself is printed separately. The machine's load average is printed
-before and after: on a shared machine it says how far the figures can be trusted.
+A synthetic LibriSpeech-layout corpus (espeak-ng sentences, 16 kHz FLAC, 3,000 utterances by default;
+built once under build/) is prepared into fresh local shard folders three ways, all in one invocation. For
+Ray, the private Ray and its worker processes are started (and the shard code imported in each) before the
+clock starts, so the figures are steady-state throughput; the start itself is printed separately. The
+machine's load average is printed before and after: on a shared machine it says how far the figures can be
+trusted.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def corpus_dir(speakers: int, utterances: int, copies: int) -> Path:
         shutil.rmtree(root, ignore_errors=True)
         splits = {name: (base / f"{name}_split.txt").read_text().split() for name in ("train", "test")}
         for c in range(copies):
-            def renamed(uid: str) -> str:   # speaker 100 -> 100 + 1000 c, chapter likewise
+            def renamed(uid: str, c: int = c) -> str:   # speaker 100 -> 100 + 1000 c, chapter likewise
                 spk, chapter, utt = uid.split("-")
                 return f"{int(spk) + 1000 * c}-{int(chapter) + 1000 * c}-{utt}"
             for f in base.rglob("*.flac"):

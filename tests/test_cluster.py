@@ -26,13 +26,13 @@ import torch
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 from safetensors.torch import load
-
 from test_train import FAST, assert_bitwise_equal
+
 from vgim_dist.config import load_config
+from vgim_dist.launch import train
 from vgim_dist.storage import open_dir
 from vgim_dist.tracking.server import free_port
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.launch import train
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,7 @@ import torch
 
 from vgim_dist.config import Config, dump_config
 from vgim_dist.model import describe
-from vgim_dist.plan.auto import replanner
-from vgim_dist.plan.auto import resolve as resolve_plan
+from vgim_dist.plan.auto import replanner, resolve as resolve_plan
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking import RunTracker, StageLogger
 from vgim_dist.train.checkpoint import CheckpointManager
