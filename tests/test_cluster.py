@@ -116,6 +116,7 @@ def descriptor(run_dir: str, endpoint: str, name: str) -> dict | None:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
 
 
+@pytest.mark.slow
 def test_stages_on_two_nodes_submitted_with_ray_job_submit(cluster, bucket, s3_endpoint, mlflow_server, tmp_path):
     # What a cluster user ships: the submit script and a config. The driver runs on the head in Ray's copy of
     # this folder, with the store for everything else.
@@ -160,6 +161,7 @@ def wait_for(what: str, condition, proc: subprocess.Popen, timeout: float = 240)
     return value
 
 
+@pytest.mark.slow
 def test_node_lost_replaced_then_lost_for_good(cluster, bucket, s3_endpoint, tmp_path):
     run_dir, steps = f"{bucket}/elastic", 300
     sets = [*PIPELINE, f"run.dir={run_dir}", f"run.steps={steps}", "run.log_every=10",
@@ -214,6 +216,7 @@ def test_node_lost_replaced_then_lost_for_good(cluster, bucket, s3_endpoint, tmp
     assert_bitwise_equal(stored_state(run_dir, s3_endpoint), reference_state(tmp_path / "reference", steps))
 
 
+@pytest.mark.slow
 def test_data_prepare_on_the_cluster(cluster, bucket, s3_endpoint, librispeech_dir, tmp_path):
     # The head has no CPUs: every shard is built by a task on a worker node and written straight to S3.
     command = [str(BIN / "vgim"), "data", "prepare", str(librispeech_dir), "--format", "librispeech",

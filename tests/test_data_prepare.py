@@ -250,6 +250,7 @@ def _descendants_running(pid: int, title: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_parallel_prepare_survives_a_worker_killed_mid_shard(tmp_path):
     # Long 44.1 kHz stereo clips: each shard (one file) takes a second or more to decode and resample.
     src = tmp_path / "src"
