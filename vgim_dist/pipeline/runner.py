@@ -1,11 +1,12 @@
 """The pipeline runner: a Ray Train worker group, one worker per stage (one GPU each on a cluster).
 
 ``ray.init()`` joins the cluster given by ``vgim train --address`` (or, in a ``ray job submit`` driver, the
-one RAY_ADDRESS names) and otherwise starts Ray on this machine for the length of the run: the same code from
-a laptop to a cluster. Ray Train places the workers, sets up torch.distributed (gloo on CPU, NCCL on GPU) and,
-when a worker dies, restarts the whole group, which resumes from the newest committed checkpoint. When the
-restarted group finds no room for ``pipeline.replan_after_s`` seconds (a node lost and not replaced), the
-driver re-plans the stages for the workers that fit and starts again from the newest committed checkpoint.
+one RAY_ADDRESS names) and otherwise starts Ray on this machine for the length of the run, reachable from this
+machine only (``local.py``): the same code from a laptop to a cluster. Ray Train places the workers, sets up
+torch.distributed (gloo on CPU, NCCL on GPU) and, when a worker dies, restarts the whole group, which resumes
+from the newest committed checkpoint. When the restarted group finds no room for ``pipeline.replan_after_s``
+seconds (a node lost and not replaced), the driver re-plans the stages for the workers that fit and starts
+again from the newest committed checkpoint.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import ray
 from ray.train import FailureConfig, Result, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
 from ray.train.v2.api.exceptions import ControllerError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from vgim_dist import ray_session
 from vgim_dist.config import Config
+from vgim_dist.pipeline.local import local_only_ray
 from vgim_dist.pipeline.replan import Replan, fewer_workers
 from vgim_dist.pipeline.worker import STAGE_STATS, train_stage
 from vgim_dist.storage import StorageFault, is_local, open_dir
@@ -86,12 +87,17 @@ class PipelineRunner:
         cfg = self.cfg
         if start:
             log.info("resuming from step %d", start)
-        owns_ray = ray_session.connect(self.address)
-        try:
-            step = self.fit_elastic(start)
-        finally:
-            if owns_ray:
-                ray.shutdown()
+        with ExitStack() as stack:
+            torch_config = None     # Ray Train's own torch setup, on a cluster
+            if not ray.is_initialized():
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+                # Joining a cluster: the address given, or the one Ray sets for a submitted job's driver.
+                address = self.address or os.environ.get("RAY_ADDRESS", "")
+                if not address:
+                    torch_config = stack.enter_context(local_only_ray())
+                ray.init(address=address or "local")   # never attach to another Ray session by chance
+                stack.callback(ray.shutdown)
+            step = self.fit_elastic(start, torch_config)
         metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
         metrics.resume(step)
         if step < cfg.run.steps:
@@ -101,13 +107,13 @@ class PipelineRunner:
                 "stages": cfg.stage_modules(), "replicas": cfg.stage_replicas(), "replans": self.replans,
                 "stage_stats": stage_stats(metrics.rows, cfg.stage_modules())}
 
-    def fit_elastic(self, start: int) -> int:
+    def fit_elastic(self, start: int, torch_config: TorchConfig | None = None) -> int:
         """`fit`, re-planned for the workers left whenever a worker group finds no room for
         ``pipeline.replan_after_s`` seconds; the step of the run's last checkpoint."""
         failed_starts = 0
         while True:
             try:
-                return self.fit(start)
+                return self.fit(start, torch_config)
             except ControllerError as e:
                 # Controller errors are not retried inside Ray Train when re-planning is on: a group that
                 # failed while starting (a node lost meanwhile) is started again here, within max_failures.
@@ -144,7 +150,7 @@ class PipelineRunner:
         """The stage holding ``module`` in the current plan."""
         return next(s for s, modules in enumerate(self.cfg.stage_modules()) if module in modules)
 
-    def fit(self, start: int) -> int:
+    def fit(self, start: int, torch_config: TorchConfig | None = None) -> int:
         """Train from ``start`` on a Ray Train worker group; the step of the run's last checkpoint."""
         cfg = self.cfg
         stages, workers = len(cfg.stage_modules()), sum(cfg.stage_replicas())
@@ -162,6 +168,7 @@ class PipelineRunner:
             train_stage,
             train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs,
                                "fault": fault},
+            torch_config=torch_config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                          placement_strategy=PLACEMENT[cfg.pipeline.placement]),
             run_config=RunConfig(
