@@ -112,3 +112,31 @@ def test_gpu_configs(name, stages):
     cfg = load_config(ROOT / f"configs/{name}.yaml")
     assert cfg.stage_modules() == stages
     assert cfg.run.precision == "bf16" and cfg.run.device == "cuda" and cfg.run.runner == "pipeline"
+
+
+def test_kuberay_dashboard_host_and_credentials():
+    docs = {d["kind"]: d for d in kuberay_docs().values()}
+    interactive, job = docs["RayCluster"]["spec"], docs["RayJob"]["spec"]["rayClusterSpec"]
+    # Set explicitly: loopback where kubectl port-forward reaches it, the pod's address where KubeRay's job
+    # submitter must (token authentication on).
+    assert interactive["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert job["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    for kind, spec in (("RayCluster", interactive), ("RayJob", job)):
+        for c in [*spec["headGroupSpec"]["template"]["spec"]["containers"],
+                  *[c for w in spec["workerGroupSpecs"] for c in w["template"]["spec"]["containers"]]]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            aws = {k: e for k, e in env.items() if k.startswith("AWS_")}
+            # Only the job, which reads and writes s3://, gets credentials; always from a Secret.
+            assert bool(aws) == (kind == "RayJob"), (kind, c["name"])
+            assert all("value" not in e and "secretKeyRef" in e["valueFrom"] for e in aws.values())
+    launcher = " ".join(yaml.safe_load((ROOT / "cluster/ray-cluster.yaml").read_text())["docker"]["run_options"])
+    assert "AWS_SECRET" not in launcher and "AWS_ACCESS_KEY" not in launcher
+
+
+def test_docs_start_no_tracking_server_open_to_all():
+    # A command continued over several lines is read as one.
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for command in doc.read_text().replace("\\\n", " ").splitlines():
+            if "mlflow server" in command and re.search(r"--host[ =](0\.0\.0\.0|::)\b", command):
+                assert "--app-name basic-auth" in command, f"{doc.name}: {command.strip()}"

@@ -32,6 +32,17 @@ def resolve_endpoint(endpoint_url: str = "") -> str:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (``~`` expanded), ``sqlite:///relative.db`` likewise; any other URI as it
+    is. A Ray worker's working directory is its session folder, not the user's: it must get absolute paths."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return f"sqlite:///{absolute_uri(path)}" if path and not path.startswith(("/", ":memory:")) else uri
+    if not uri or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def open_dir(uri: str, endpoint_url: str = "") -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, root path) for a directory URI; S3 endpoint as ``resolve_endpoint`` says."""
     options = {}

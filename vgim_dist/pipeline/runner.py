@@ -1,9 +1,10 @@
 """The pipeline runner: a Ray Train worker group, one worker per stage (one GPU each on a cluster).
 
 ``ray.init()`` joins the cluster given by ``vgim train --address`` (or, in a ``ray job submit`` driver, the
-one RAY_ADDRESS names) and otherwise starts Ray on this machine for the length of the run: the same code from
-a laptop to a cluster. Ray Train places the workers, sets up torch.distributed (gloo on CPU, NCCL on GPU) and,
-when a worker dies, restarts the whole group, which resumes from the newest committed checkpoint.
+one RAY_ADDRESS names) and otherwise starts Ray on this machine for the length of the run, reachable from this
+machine only (``local.py``): the same code from a laptop to a cluster. Ray Train places the workers, sets up
+torch.distributed (gloo on CPU, NCCL on GPU) and, when a worker dies, restarts the whole group, which resumes
+from the newest committed checkpoint.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import ray
 from ray.train import FailureConfig, Result, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from vgim_dist.config import Config
+from vgim_dist.pipeline.local import local_only_ray
 from vgim_dist.pipeline.worker import STAGE_STATS, train_stage
 from vgim_dist.storage import StorageFault, is_local, open_dir
 from vgim_dist.tracking import StageRef
@@ -72,18 +74,17 @@ class PipelineRunner:
         cfg = self.cfg
         if start:
             log.info("resuming from step %d", start)
-        owns_ray = not ray.is_initialized()
-        if owns_ray:
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            # Joining a cluster: the address given, or the one Ray sets for a submitted job's driver. Starting
-            # one here: it listens on localhost only.
-            address = self.address or os.environ.get("RAY_ADDRESS", "")
-            ray.init(**({"address": address} if address else {"_node_ip_address": "127.0.0.1"}))
-        try:
-            step = self.fit(start)
-        finally:
-            if owns_ray:
-                ray.shutdown()
+        with ExitStack() as stack:
+            torch_config = None     # Ray Train's own torch setup, on a cluster
+            if not ray.is_initialized():
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+                # Joining a cluster: the address given, or the one Ray sets for a submitted job's driver.
+                address = self.address or os.environ.get("RAY_ADDRESS", "")
+                if not address:
+                    torch_config = stack.enter_context(local_only_ray())
+                ray.init(**({"address": address} if address else {}))
+                stack.callback(ray.shutdown)
+            step = self.fit(start, torch_config)
         metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
         metrics.resume(step)
         if step < cfg.run.steps:
@@ -91,7 +92,7 @@ class PipelineRunner:
         return {"steps": step, "final": metrics.rows[-1] if metrics.rows else {},
                 "stage_stats": stage_stats(metrics.rows, cfg.stage_modules())}
 
-    def fit(self, start: int) -> int:
+    def fit(self, start: int, torch_config: TorchConfig | None = None) -> int:
         """Train from ``start`` on a Ray Train worker group; the step of the run's last checkpoint."""
         cfg = self.cfg
         stages, workers = len(cfg.stage_modules()), sum(cfg.stage_replicas())
@@ -101,6 +102,7 @@ class PipelineRunner:
             train_stage,
             train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs,
                                "fault": fault},
+            torch_config=torch_config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(
                 # A new Ray Train run per invocation: where to start is read from run.dir, never from Ray

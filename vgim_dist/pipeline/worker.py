@@ -31,9 +31,19 @@ from vgim_dist.tracking import StageLogger, StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.loop import LoopPolicy, Pace
 from vgim_dist.train.metrics import MetricsLog
-from vgim_dist.train.stage import Stage, metric_names
+from vgim_dist.train.stage import Stage, configure_torch, metric_names
 
 STAGE_STATS = ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")
+
+
+def see_run_dir(cfg: Config) -> None:
+    """Fail at once, naming run.dir, when this worker cannot see the run directory the driver prepared:
+    otherwise its checkpoints would go where the driver never looks. No restart can fix that."""
+    fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
+    if not fs.exists(f"{root}/config.yaml"):
+        raise StorageFault(f"run.dir {cfg.run.dir}: not visible from this worker (node "
+                           f"{ray.util.get_node_ip_address()}, no config.yaml there); on a cluster of several nodes "
+                           "run.dir must be storage every node shares, e.g. s3://bucket/runs/name")
 
 
 def forwarded_names(cfg: Config, stage: int) -> list[str]:
@@ -165,9 +175,9 @@ class StageWorker:
     def __init__(self, cfg: Config, stop: ray.ObjectRef, stage_refs: list[StageRef | None]):
         self.cfg = cfg
         self.topo = topo = Topology(tuple(cfg.stage_replicas()), ray.train.get_context().get_world_rank())
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
         self.device = ray.train.torch.get_device()
+        configure_torch(cfg.run, self.device)
+        see_run_dir(cfg)
         # Flow control, checkpoint barriers and the resume step travel on gloo whatever carries activations.
         self.control = dist.new_group(backend="gloo")
         # Which ranks share a device decides each link's channel (fractional GPUs put stages on one GPU).
@@ -218,7 +228,8 @@ class StageWorker:
         fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
         stage, replica = self.topo.stage, self.topo.replica
         info = {"stage": stage, "replica": replica, "modules": self.stage.module_ids, "pid": os.getpid(),
-                "node": ray.util.get_node_ip_address(), "device": str(self.device), "start": self.start}
+                "node": ray.util.get_node_ip_address(), "device": str(self.device),
+                "threads": torch.get_num_threads(), "start": self.start}
         name = f"stage-{stage}" + (f"-replica-{replica}" if replica else "")
         write_bytes(fs, f"{root}/workers/{name}.json", json.dumps(info).encode())
 
