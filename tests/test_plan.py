@@ -178,6 +178,7 @@ def test_vgim_plan_command(tmp_path):
         assert words in text
 
 
+@pytest.mark.slow
 def test_auto_is_resolved_before_the_run(tmp_path):
     from vgim_dist.launch import train
 
@@ -229,6 +230,7 @@ def test_flops_counted_from_shapes_match_torchs_counter():
         x = y
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_gpu_check_dry_run(tmp_path):
     """benchmarks/gpu_check.py --dry-run: every part of the GPU check on CPU, one JSON and one Markdown file."""
