@@ -107,6 +107,20 @@ def test_rayjob_entrypoint_names_a_real_config_and_valid_overrides():
     assert len(cfg.stage_modules()) == job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]
 
 
+def test_rayjob_runs_the_documented_submit_command():
+    """docs/cluster.md's `cluster/submit.sh` command against a KubeRay head and the RayJob run the same
+    `vgim train` (KubeRay's submitter passes the entrypoint to `ray job submit`)."""
+    job = next(d for d in kuberay_docs().values() if d["kind"] == "RayJob")
+    lines = [line for line in (ROOT / "docs/cluster.md").read_text().splitlines()
+             if "cluster/submit.sh --" in line and "RAY_ADDRESS=http://127.0.0.1:8265" in line]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0])
+    documented = argv[argv.index("--") + 1:]
+    assert ["vgim", "train", *documented] == shlex.split(job["spec"]["entrypoint"])
+    assert (ROOT / documented[0]).exists()
+    load_config(ROOT / documented[0], [documented[i + 1] for i, a in enumerate(documented) if a == "--set"])
+
+
 @pytest.mark.parametrize("name,stages", [("vgim-4gpu", [[0], [1], [2], [3]]), ("vgim-2gpu", [[0], [1, 2, 3]])])
 def test_gpu_configs(name, stages):
     cfg = load_config(ROOT / f"configs/{name}.yaml")

@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "vgim_dist"
 
 # Each unit (a module or subpackage; the longest matching name wins) and the units it may import.
-BASE = {"config", "data.config", "storage", "seeding"}
+BASE = {"config", "data.config", "storage", "seeding", "ray_session"}
 ALLOWED = {
     "__main__": {"cli"},
     "cli": {"launch", "plan", "train", "pipeline", "eval", "tracking", "data", "model", *BASE},
@@ -20,11 +20,12 @@ ALLOWED = {
     "model": {"parallel", *BASE},
     "parallel": {"config"},
     "tracking": {"config", "storage"},
-    "data": {"data.config", "storage", "seeding"},
+    "data": {"data.config", "storage", "seeding", "ray_session"},
     "config": {"data.config"},
     "data.config": set(),
     "storage": set(),
     "seeding": set(),
+    "ray_session": set(),
 }
 
 

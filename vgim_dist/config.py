@@ -114,6 +114,10 @@ class PipelineConfig:
                                  "(an auto plan sets it when workers share GPUs)")
     max_failures: int = _opt(3, lo=-1, doc="worker-group restarts from the last checkpoint; -1 = unlimited")
     cpus_per_stage: float = _opt(0.0, lo=0.0, doc="CPUs reserved per worker; 0 = min(1, CPUs / workers)")
+    placement: Literal["pack", "spread", "strict_spread"] = _opt(
+        "pack", doc="where Ray puts the workers: pack onto few nodes, spread over nodes, or one per node")
+    replan_after_s: float = _opt(300.0, lo=0.0, doc="after losing workers, seconds to wait for resources "
+                                 "before re-planning for the workers left (merge stages, drop replicas); 0 = wait")
 
 
 @dataclass

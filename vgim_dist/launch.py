@@ -15,7 +15,7 @@ import torch
 from vgim_dist.config import Config, dump_config
 from vgim_dist.eval.monitor import ProbeMonitor
 from vgim_dist.model import describe
-from vgim_dist.plan.auto import resolve as resolve_plan
+from vgim_dist.plan.auto import replanner, resolve as resolve_plan
 from vgim_dist.storage import absolute_uri, open_dir, write_bytes
 from vgim_dist.tracking import RunTracker, StageLogger
 from vgim_dist.train.checkpoint import CheckpointManager
@@ -105,7 +105,7 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
                 from vgim_dist.pipeline.runner import PipelineRunner  # noqa: PLC0415 - Ray only when asked for
 
                 refs = [tracker.stage_ref(s) for s in range(len(cfg.stage_modules()))]
-                summary = PipelineRunner(cfg, refs, address, monitor).run(start)
+                summary = PipelineRunner(cfg, refs, address, replanner(cfg, plan), monitor).run(start)
             else:
                 from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
 

@@ -64,6 +64,9 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols
 
 
+PARTIAL = ".tmp-"   # infix of the temporary name a local write goes through
+
+
 def transient(e: BaseException) -> bool:
     """A connection refused, reset or timed out: the store may come back."""
     if isinstance(e, (ConnectionError, TimeoutError)):
@@ -112,7 +115,7 @@ def _write_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.makedirs(parent, exist_ok=True)
         fs.pipe_file(path, data)
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}{PARTIAL}{os.getpid()}"
     try:
         os.makedirs(parent, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -129,3 +132,11 @@ def _write_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             raise StorageFault(f"{path}: no space left on device ({usage.free:,} bytes free of {usage.total:,}; "
                                f"{len(data):,} needed)") from None
         raise
+
+
+def remove_partial(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Delete the temporary files that writers killed mid-write left directly under ``root`` (local disks
+    only: an object store never holds half a write). Only while no writer is running."""
+    if is_local(fs):
+        for path in fs.glob(f"{root}/*{PARTIAL}*"):
+            fs.rm(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 
@@ -188,7 +189,7 @@ class StageWorker:
         self.stage = Stage(cfg, topo.stage, self.device, self.replicas)
         self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
         self.start = self._restore()
-        self._announce()
+        where = self._announce()
 
         if topo.stage == 0:
             self.inputs = Batches(cfg, self.start, stop, self.device, self.replicas, replica_control)
@@ -203,6 +204,7 @@ class StageWorker:
         self.own = forwarded_names(cfg, topo.stage)
         # Replica 0 speaks for its stage: MLflow run, metrics rows.
         self.tracking = StageLogger(stage_refs[topo.stage] if topo.replica == 0 else None)
+        self.tracking.set_tags({f"vgim.{k}": str(where[k]) for k in ("node", "node_id", "host", "device")})
         self.metrics = None
         if topo.is_last and topo.replica == 0:  # it sees every stage's numbers for a step last: it logs rows
             self.names = [n for t in range(topo.stages) for n in forwarded_names(cfg, t)]
@@ -223,15 +225,18 @@ class StageWorker:
             self.checkpoints.load_stage(self.stage, start)
         return start
 
-    def _announce(self) -> None:
-        """``<run.dir>/workers/stage-<s>.json``: where each stage runs (pid, node), for operators and tests."""
+    def _announce(self) -> dict:
+        """``<run.dir>/workers/stage-<s>.json``: where each stage runs (pid, node: address, Ray node id, host
+        name), for operators and tests. Several Ray nodes can share one address, so the node id tells them apart."""
         fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
         stage, replica = self.topo.stage, self.topo.replica
         info = {"stage": stage, "replica": replica, "modules": self.stage.module_ids, "pid": os.getpid(),
-                "node": ray.util.get_node_ip_address(), "device": str(self.device),
-                "threads": torch.get_num_threads(), "start": self.start}
+                "node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "host": socket.gethostname(), "device": str(self.device), "threads": torch.get_num_threads(),
+                "start": self.start}
         name = f"stage-{stage}" + (f"-replica-{replica}" if replica else "")
         write_bytes(fs, f"{root}/workers/{name}.json", json.dumps(info).encode())
+        return info
 
     def run(self) -> None:
         # The background evaluator (eval.every) reports to the worker that writes the metrics rows.

@@ -108,6 +108,19 @@ class StageLogger:
         if len(self.pending) >= self.ref.flush_every:
             self.flush()
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Tag the stage's run (where it trains: node, device); a store that is down costs a warning only."""
+        if self.ref is None:
+            return
+        from mlflow.entities import RunTag  # noqa: PLC0415
+
+        try:
+            retry(lambda: self._client.log_batch(self.ref.run_id, tags=[RunTag(k, v) for k, v in tags.items()]),
+                  self.ref.retries, "set_tags")
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            log.warning("tracking: stage %d could not tag its run on %s (%s)", self.ref.stage,
+                        self.ref.tracking_uri, e)
+
     def flush(self) -> bool:
         """Send what is buffered; True when nothing is left. Failures keep the rows and warn once per outage."""
         if self.ref is None or not self.pending:
