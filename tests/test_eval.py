@@ -61,7 +61,7 @@ def test_probes_land_above_chance_and_repeat_exactly(setup):
         assert r["protocol"] == "mean over time, bias, z-scored, 50 epochs, lr 0.001"
         for m, e in r["modules"].items():
             assert e["n_test"] > 10 and len(e["accuracy"]["values"]) == 2
-            assert e["accuracy"]["mean"] > e["chance_uniform"] + 0.1, (task, m, e["accuracy"])
+            assert e["accuracy"]["mean"] > e["chance_uniform"] + 0.05, (task, m, e["accuracy"])
             assert len(e["step0"]["accuracy"]["values"]) == 2  # the same probes on the encoder as initialised
         assert Path(run, "eval", f"probe-{task}-standardized.syllables.json").is_file()
     # Sampled features too: the same seed gives the same draws, probes and accuracies.
