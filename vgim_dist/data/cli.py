@@ -7,14 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from vgim_dist.data import readers
-from vgim_dist.data.audio import SAMPLE_RATE
-from vgim_dist.data.prepare import PrepareError, prepare
-from vgim_dist.data.store import Store, StoreError
-from vgim_dist.data.synth import synth_deboer, synth_librispeech
+from vgim_dist.config import ConfigError, check_uri
+from vgim_dist.errors import UserError
 
 
 def _synth_deboer(a: argparse.Namespace) -> int:
+    from vgim_dist.data.synth import synth_deboer  # noqa: PLC0415 - heavy imports only for the command that runs
+
     counts = synth_deboer(Path(a.out), words=a.words, voices_n=a.voices, takes=a.takes, seed=a.seed,
                           jitter=not a.no_jitter)
     print(f"wrote {counts} to {a.out}")
@@ -22,16 +21,26 @@ def _synth_deboer(a: argparse.Namespace) -> int:
 
 
 def _synth_librispeech(a: argparse.Namespace) -> int:
+    from vgim_dist.data.synth import synth_librispeech  # noqa: PLC0415
+
     counts = synth_librispeech(Path(a.out), speakers=a.speakers, utterances=a.utterances, seed=a.seed)
     print(f"wrote {counts} to {a.out}")
     return 0
 
 
 def _prepare(a: argparse.Namespace) -> int:
+    from vgim_dist.data import readers  # noqa: PLC0415
+    from vgim_dist.data.audio import SAMPLE_RATE  # noqa: PLC0415
+    from vgim_dist.data.prepare import MANIFEST, PrepareError, prepare  # noqa: PLC0415
+    from vgim_dist.data.store import Store, StoreError  # noqa: PLC0415
+
     src = Path(a.src)
     if not src.is_dir():
-        print(f"error: no corpus folder {src}", file=sys.stderr)
-        return 2
+        raise UserError("no corpus folder", str(src), "give the folder that holds the corpus")
+    try:
+        check_uri("--out", a.out, schemes=("s3",))
+    except ConfigError as e:
+        raise UserError(str(e), "vgim data prepare", "give a local folder or s3://bucket/prefix") from None
     if a.format == "librispeech":
         corpus = readers.librispeech(src, split_dir=a.split_dir and Path(a.split_dir),
                                      phones=a.phones and Path(a.phones))
@@ -44,9 +53,16 @@ def _prepare(a: argparse.Namespace) -> int:
         m = prepare(corpus, Store(a.out, a.endpoint_url), shard_size=a.shard_size,
                     min_samples=max(1, round(a.min_seconds * SAMPLE_RATE)))
     except (StoreError, PrepareError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserError(str(e), str(src), "check the corpus folder, --format and --out") from e
     splits = {k: v["utterances"] for k, v in m["splits"].items()}
+    if m["skipped"]:  # every skip is in the manifest; name the first few here
+        shown = m["skipped"][:5]
+        print(f"skipped {len(m['skipped'])} files (all listed under \"skipped\" in {a.out.rstrip('/')}/{MANIFEST}):",
+              file=sys.stderr)
+        for s in shown:
+            print(f"  {s.get('path', s.get('id'))}: {s['reason']}", file=sys.stderr)
+        if len(m["skipped"]) > len(shown):
+            print(f"  ... and {len(m['skipped']) - len(shown)} more", file=sys.stderr)
     print(json.dumps({"out": a.out, "utterances": splits, "seconds": round(m["seconds"], 1),
                       "skipped": len(m["skipped"]), "fixes": m["fixes"]}))
     return 0

@@ -7,26 +7,26 @@ import functools
 import json
 import sys
 
-from vgim_dist.data.store import StoreError
-from vgim_dist.eval.decoder import LOSSES
-from vgim_dist.eval.probes import TASKS, ProbeSettings
+from vgim_dist.errors import UserError
+from vgim_dist.eval.names import LOSSES, TASKS
 
 
 def _user_errors(fn):
     """Bad input (a missing run or checkpoint, wrong shards, an unknown module) as one line and exit code 2."""
     @functools.wraps(fn)
     def wrapper(a: argparse.Namespace) -> int:
+        from vgim_dist.data.store import StoreError  # noqa: PLC0415
+
         try:
             return fn(a)
         except (FileNotFoundError, ValueError, StoreError) as e:
-            print(f"vgim {a.command}: {e}", file=sys.stderr)
-            return 2
+            raise UserError(str(e), f"vgim {a.command}", "check the run directory and --data") from e
     return wrapper
 
 
 @_user_errors
 def _probe(a: argparse.Namespace) -> int:
-    from vgim_dist.eval.probes import probe_run  # noqa: PLC0415
+    from vgim_dist.eval.probes import ProbeSettings, probe_run  # noqa: PLC0415
 
     settings = ProbeSettings(epochs=a.epochs, lr=a.lr or (1e-4 if a.task == "phones" else 1e-3),
                              batch_size=a.batch_size, standardize=a.standardize)
@@ -89,7 +89,8 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--lr", type=float, default=0.0, help="default: 1e-3, phones 1e-4")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--standardize", action="store_true",
-                   help="z-score each feature channel with train-split statistics (SPEC 6 probes raw features)")
+                   help="z-score each feature channel with train-split statistics (by default probes see raw "
+                   "features, as in docs/method.md)")
     p.add_argument("--train-split", default="train")
     p.set_defaults(func=_probe)
 

@@ -22,11 +22,10 @@ from torch import nn
 
 from vgim_dist.data.readers import SYLLABLES, VOWELS
 from vgim_dist.data.source import derive_seed
+from vgim_dist.eval.names import TASKS, Task
 from vgim_dist.eval.features import FeatureMode, Run, SplitFeatures, extract, load_run, split_rule
 from vgim_dist.eval.track import eval_dir, log_evaluation
 
-Task = Literal["syllables", "vowels", "speakers", "phones"]
-TASKS: tuple[Task, ...] = ("syllables", "vowels", "speakers", "phones")
 PHONE_CLASSES = 41
 PHONE_HOP = 160  # converted_aligned_phones.txt: one label per 10 ms at 16 kHz
 FEW_LABELS = tuple(2 ** k for k in range(8))  # 1, 2, 4, ... 128 labelled examples per class

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,12 +25,13 @@ import torch.distributed as dist
 
 from vgim_dist.config import Config
 from vgim_dist.data.source import build_source
+from vgim_dist.model import loss_terms
 from vgim_dist.parallel.data_parallel import ReplicaGroup, split_sizes
 from vgim_dist.pipeline.transport import Receiver, Sender
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking import StageLogger, StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.metrics import MetricsLog
+from vgim_dist.train.metrics import MetricsLog, eta
 from vgim_dist.train.stage import Stage
 
 STAGE_STATS = ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")
@@ -38,7 +40,7 @@ STEP_FILE = "step.json"     # the whole of the checkpoint reported to Ray Train;
 
 def metric_names(cfg: Config, stage: int) -> list[str]:
     """The metrics stage ``stage`` appends to the vector it forwards: its modules' losses, then its stats."""
-    losses = [f"module.{i}.{k}" for i in cfg.stage_modules()[stage] for k in ("nce", "kl", "loss")]
+    losses = [f"module.{i}.{k}" for i in cfg.stage_modules()[stage] for k in loss_terms(cfg.model, i)]
     return losses + [f"stage.{stage}.{k}" for k in STAGE_STATS]
 
 
@@ -227,6 +229,7 @@ class StageWorker:
         cfg, every = self.cfg, self.cfg.checkpoint.every
         step = last_saved = self.start
         window = Window(self.inputs, self.output)
+        self.clock = (time.monotonic(), self.start)
         unlogged = torch.zeros(len(STAGE_STATS), dtype=torch.float64, device=self.device)
         for x, upstream in self.inputs:
             x, losses = self.stage.train_step(x)
@@ -241,6 +244,10 @@ class StageWorker:
                 self.output.send(x, vector)
             elif logged and self.metrics:
                 self._log(step, vector)
+            if logged and self.replica == 0 and self.stage_index != self.last:
+                # Each stage's own pace (it may run up to pipeline.in_flight steps ahead of the next one).
+                print(f"stage {self.stage_index} step {step}/{cfg.run.steps} | "
+                      f"{eta(time.monotonic(), step, self.clock, cfg.run.steps)}", file=sys.stderr, flush=True)
             if logged and self.tracking.ref:
                 self.tracking.log(step, dict(zip(self.own, mine.tolist())))
             if every and step % every == 0:
@@ -257,7 +264,7 @@ class StageWorker:
         step_time = row[f"stage.{self.stage_index}.step_time_s"]  # the pipeline's pace is the last stage's
         row["windows_per_s"] = self.cfg.data.batch_size / step_time
         row["step_time_s"] = step_time
-        self.metrics.record(step, row)
+        self.metrics.record(step, row, prefix=f"stage {self.stage_index} " if self.last else "")
 
     def _checkpoint(self, step: int) -> None:
         self.checkpoints.save_stage(self.stage, step)

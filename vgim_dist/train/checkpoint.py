@@ -91,8 +91,8 @@ class CheckpointManager:
                 log.warning("--resume: no checkpoint under %s, starting at step 0", self.root)
             return 0
         if not resume:
-            raise FileExistsError(f"{self.root} already holds checkpoints (latest step {latest}); "
-                                  "pass --resume to continue it or choose another run.dir")
+            raise FileExistsError(f"the run directory already holds checkpoints up to step {latest} ({self.root}); "
+                                  "pass --resume to continue it, or choose another run.dir")
         return latest
 
     def load_weights(self, step: int, module: int) -> dict[str, torch.Tensor]:

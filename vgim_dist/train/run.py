@@ -9,9 +9,12 @@ import platform
 import torch
 
 from vgim_dist.config import Config, dump_config
+from vgim_dist.errors import UserError
 from vgim_dist.model import describe
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking import RunTracker, StageLogger
+from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.tracking.tracker import move_credentials_to_env
 
 log = logging.getLogger(__name__)
 
@@ -20,25 +23,58 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device: cuda requested but no CUDA device is visible")
+        raise UserError("run.device=cuda but no CUDA device is visible", "torch.cuda.is_available() is False",
+                        "use run.device=cpu (or auto), or run on a machine with an NVIDIA GPU and driver")
     return torch.device(name)
+
+
+def check_inputs(cfg: Config) -> None:
+    """What a run needs before it starts, each failure naming its key: frames enough for InfoNCE, a run
+    directory and shards it can reach (S3 credentials included)."""
+    for r in describe(cfg.model, cfg.data.crop):
+        if r["frames"] <= cfg.model.prediction_steps:
+            need = next(n for n in range(cfg.data.crop, 100 * cfg.data.crop + 1, 160)
+                        if describe(cfg.model, n)[r["module"]]["frames"] > cfg.model.prediction_steps)
+            raise UserError(f"module {r['module']} emits {r['frames']} frames for data.crop = {cfg.data.crop} "
+                            f"samples; InfoNCE needs more than model.prediction_steps = "
+                            f"{cfg.model.prediction_steps}", "data.crop",
+                            f"set data.crop to at least {need}, or lower model.prediction_steps")
+    try:
+        fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
+        fs.exists(root)
+    except Exception as e:  # noqa: BLE001 - missing credentials, an unreachable endpoint: name the URI
+        raise UserError(f"cannot reach the run directory: {type(e).__name__}: {str(e).splitlines()[0]}",
+                        f"run.dir={cfg.run.dir}", _store_hint(cfg.run.dir)) from e
+    if cfg.data.uri != "noise://":
+        from vgim_dist.data.loader import read_manifest  # noqa: PLC0415
+        from vgim_dist.data.store import Store, StoreError  # noqa: PLC0415
+
+        try:
+            read_manifest(Store(cfg.data.uri, cfg.data.endpoint_url))
+        except StoreError as e:
+            raise UserError(str(e), f"data.uri={cfg.data.uri}", _store_hint(cfg.data.uri)) from e
+
+
+def _store_hint(uri: str) -> str:
+    if uri.startswith("s3://"):
+        return ("check the bucket, data.endpoint_url, and the S3 credentials (AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+    return "check the path; shards come from `vgim data prepare`"
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
     """Train ``cfg`` to ``run.steps`` and return the run summary (also ``<run.dir>/summary.json``)."""
+    move_credentials_to_env(cfg)   # before the config is written, logged or sent to a worker
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     # A pipeline trains on its workers' devices (a cluster's head may have no GPU); the reference trains here.
     device = resolve_device(cfg.run.device) if cfg.run.runner == "reference" else cfg.run.device
+    check_inputs(cfg)
+    CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).start_step(resume)  # refuses before writing
     fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
     write_bytes(fs, f"{root}/config.yaml", dump_config(cfg).encode())
 
     rows = describe(cfg.model, cfg.data.crop)
-    for r in rows:
-        if r["frames"] <= cfg.model.prediction_steps:
-            raise ValueError(f"module {r['module']} emits {r['frames']} frames for data.crop = {cfg.data.crop} "
-                             f"samples; InfoNCE needs more than model.prediction_steps = "
-                             f"{cfg.model.prediction_steps}")
     log.info("device %s, %d threads, torch %s, python %s", device, torch.get_num_threads(), torch.__version__,
              platform.python_version())
     log.info("stages %s, batch %d x %d samples, %d steps", cfg.stage_modules(), cfg.data.batch_size,

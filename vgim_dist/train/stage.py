@@ -12,7 +12,7 @@ from torch import nn
 
 from vgim_dist.config import Config
 from vgim_dist.data.source import derive_seed
-from vgim_dist.model import build_module
+from vgim_dist.model import build_module, loss_terms
 from vgim_dist.parallel.data_parallel import GroupBatchNorm1d, ReplicaGroup
 
 
@@ -37,6 +37,7 @@ class Stage:
                  replicas: ReplicaGroup | None = None):
         self.cfg, self.index, self.replicas = cfg, index, replicas
         self.module_ids = cfg.stage_modules()[index]
+        self.terms = [loss_terms(cfg.model, i) for i in self.module_ids]   # no KL where it is 0 by construction
         self.device = torch.device(device)
         self.modules = nn.ModuleList([build_module(cfg.model, i, cfg.seed) for i in self.module_ids]).to(self.device)
         if replicas is not None:
@@ -82,9 +83,8 @@ class Stage:
                 self._deepspeed_update(self.engines[pos], out.loss, lr)
             else:
                 self._torch_update(module, self.optimizers[pos], out.loss, lr)
-            metrics[f"module.{i}.nce"] = out.nce.detach()
-            metrics[f"module.{i}.kl"] = out.kl.detach()
-            metrics[f"module.{i}.loss"] = out.loss.detach()
+            for term in self.terms[pos]:
+                metrics[f"module.{i}.{term}"] = getattr(out, term).detach()
             x = out.output
         self.step += 1
         if self.replicas is not None:  # each replica holds its share of every loss term: report the sums
@@ -119,13 +119,12 @@ class Stage:
         generator per batch so that evaluation never shifts the training RNG streams."""
         x = x.to(self.device)
         metrics = {}
-        for i, module in zip(self.module_ids, self.modules):
+        for pos, (i, module) in enumerate(zip(self.module_ids, self.modules)):
             module.eval()
             gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, "eval", i, batch))
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 out = module(x, gen)
-            metrics[f"module.{i}.nce"], metrics[f"module.{i}.kl"] = out.nce, out.kl
-            metrics[f"module.{i}.loss"] = out.loss
+            metrics.update({f"module.{i}.{term}": getattr(out, term) for term in self.terms[pos]})
             x = out.output
         return x, metrics
 
