@@ -32,8 +32,8 @@ from step_time import TUNED_MALLOC  # noqa: E402
 
 from vgim_dist.config import Config, load_config  # noqa: E402
 from vgim_dist.data.source import build_source  # noqa: E402
+from vgim_dist.launch import train  # noqa: E402
 from vgim_dist.train.metrics import MetricsLog  # noqa: E402
-from vgim_dist.train.run import train  # noqa: E402
 from vgim_dist.train.stage import Stage  # noqa: E402
 
 

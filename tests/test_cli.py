@@ -40,7 +40,7 @@ CASES = {
     "crop too short": ([*TRAIN, "--set", "data.crop=640", "--set", "run.dir=TMP/r"], None,
                        ["module 1 emits", "(data.crop)", "set data.crop to at least"]),
     "run dir holds checkpoints": ([*TRAIN, "--set", "run.dir=TMP/used"], with_checkpoint,
-                                  ["already holds checkpoints up to step 4", "--resume"]),
+                                  ["already holds checkpoints up to step 4", "run.dir=", "--resume"]),
     "cuda without a GPU": ([*TRAIN, "--set", "run.device=cuda", "--set", "run.dir=TMP/r"], None,
                            ["run.device=cuda", "no CUDA device"]),
     "missing data.uri": ([*TRAIN, "--set", "data.uri=TMP/nowhere", "--set", "run.dir=TMP/r"], None,

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-
 from test_replicas import OVERRIDES, STEPS, reference, run_replicas
+
 from vgim_dist.config import load_config
-from vgim_dist.train.run import train
+from vgim_dist.launch import train
 
 pytest.importorskip("deepspeed")
-FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=1", "run.threads=1"]
+FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=1", "run.threads=1", "tracking.enabled=false"]
 
 
 def rows(run_dir):

@@ -19,7 +19,7 @@ from vgim_dist.eval.decoder import decoder_run
 from vgim_dist.eval.features import load_run
 from vgim_dist.eval.probes import ProbeSettings, probe_run
 from vgim_dist.eval.report import build_report
-from vgim_dist.train.run import train
+from vgim_dist.launch import train
 
 FAST_PROBE = ProbeSettings(standardize=True)  # SPEC 6 epochs; z-scored: a 12-step encoder's features barely vary
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 from ray.job_submission import JobStatus, JobSubmissionClient
 from safetensors.torch import load
-
 from test_train import FAST, assert_bitwise_equal
+
 from vgim_dist.config import load_config
+from vgim_dist.launch import train
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.run import train
 
 BIN = Path(sys.executable).parent
 PIPELINE = [*FAST, "run.runner=pipeline", "checkpoint.every=10"]

@@ -13,12 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from vgim_dist.config import load_config
+from vgim_dist.errors import UserError
+from vgim_dist.launch import train
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.run import train
 from vgim_dist.train.stage import Stage
 
 # Small enough for seconds per run, with every mechanism of the smoke config (4 modules, BatchNorm, GRU).
-FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=2", "run.threads=1"]
+# Tracking (on by default) has its own tests; the rest train without it.
+FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=2", "run.threads=1", "tracking.enabled=false"]
 
 
 def cfg_for(run_dir, *extra):
@@ -90,6 +92,22 @@ def test_2n_steps_equal_n_then_restore_in_new_process_then_n(tmp_path):
     assert steps == [2, 4, 6, 8]
 
 
+def test_refused_run_leaves_the_existing_run_untouched(tmp_path):
+    train(cfg_for(tmp_path, "run.steps=2"))
+    before = (tmp_path / "config.yaml").read_bytes()
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(cfg_for(tmp_path, "run.steps=4", "seed=7"))
+    assert (tmp_path / "config.yaml").read_bytes() == before
+    assert CheckpointManager(str(tmp_path)).steps() == [2]
+
+
+def test_resume_of_a_run_dir_without_a_run_is_refused(tmp_path):
+    missing = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match="holds no run"):
+        train(cfg_for(missing, "run.steps=2"), resume=True)
+    assert not missing.exists()                                 # nothing written, nothing trained
+
+
 def test_sigint_leaves_a_resumable_checkpoint(tmp_path):
     sets = [a for s in FAST for a in ("--set", s)]
     proc = subprocess.Popen([sys.executable, "-m", "vgim_dist", "train", "configs/smoke.yaml", *sets,
@@ -130,12 +148,12 @@ def test_evaluation_leaves_parameters_and_batchnorm_untouched(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match="cuda requested but no CUDA device"):
+    with pytest.raises(UserError, match="run.device=cuda but no CUDA device"):
         train(cfg_for(tmp_path, "run.device=cuda", "run.steps=1"))
 
 
 def test_too_short_crop_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"module 1 emits 9 frames for data.crop = 640 samples"):
+    with pytest.raises(UserError, match=r"module 1 emits 9 frames for data.crop = 640 samples.*at least \d+"):
         train(cfg_for(tmp_path, "data.crop=640"))
 
 

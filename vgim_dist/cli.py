@@ -60,13 +60,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.address:
         check_ray_address(args.address)
-    from vgim_dist.train.reference import Interrupted  # noqa: PLC0415
-    from vgim_dist.train.run import train  # noqa: PLC0415
+    from vgim_dist.launch import train  # noqa: PLC0415
+    from vgim_dist.train.loop import Interrupted  # noqa: PLC0415
 
-    if args.address:
-        os.environ["RAY_ADDRESS"] = args.address  # ray.init() in the pipeline runner joins it
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, address=args.address)
     except Interrupted as e:
         print(f"vgim train: {e}", file=sys.stderr)
         return 130

@@ -24,8 +24,8 @@ import torch
 from vgim_dist.data.audio import SCALE
 from vgim_dist.data.config import DataConfig
 from vgim_dist.data.prepare import MANIFEST
-from vgim_dist.data.source import derive_seed
 from vgim_dist.data.store import Store, StoreError
+from vgim_dist.seeding import derive_seed
 
 
 def default_cache_dir() -> Path:

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Protocol
 
 import torch
 
 from vgim_dist.data.config import DataConfig
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple of names and numbers (stable across processes and machines)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from vgim_dist.seeding import derive_seed
 
 
 class BatchSource(Protocol):

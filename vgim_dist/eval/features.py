@@ -16,11 +16,11 @@ import torch
 
 from vgim_dist.config import Config, ConfigError, load_config
 from vgim_dist.data.loader import Utterance, iter_utterances, read_manifest
-from vgim_dist.data.source import derive_seed
 from vgim_dist.data.store import Store
 from vgim_dist.model import GreedyModule, describe
-from vgim_dist.tracking.model import load_encoder
+from vgim_dist.seeding import derive_seed
 from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.encoder import load_encoder
 
 FeatureMode = Literal["mean", "sample"]  # mu of each Gaussian module, or one draw from N(mu, sigma^2)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from vgim_dist.tracking.tracker import loss_figures
+from vgim_dist.tracking.figures import loss_figures
 
 DPI = 90
 

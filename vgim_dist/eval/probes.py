@@ -21,10 +21,17 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from vgim_dist.data.readers import SYLLABLES, VOWELS
-from vgim_dist.data.source import derive_seed
+from vgim_dist.eval.features import (
+    FeatureMode,
+    Run,
+    SplitFeatures,
+    extract,
+    load_run,
+    split_rule,
+)
 from vgim_dist.eval.names import TASKS, Task
-from vgim_dist.eval.features import FeatureMode, Run, SplitFeatures, extract, load_run, split_rule
 from vgim_dist.eval.track import eval_dir, log_evaluation
+from vgim_dist.seeding import derive_seed
 
 PHONE_CLASSES = 41
 PHONE_HOP = 160  # converted_aligned_phones.txt: one label per 10 ms at 16 kHz

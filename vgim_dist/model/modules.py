@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from vgim_dist.config import LayerConfig, ModelConfig, ModuleConfig
-from vgim_dist.data.source import derive_seed
 from vgim_dist.model.loss import gaussian_kl, info_nce
 from vgim_dist.parallel.data_parallel import ReplicaGroup
+from vgim_dist.seeding import derive_seed
 
 
 def conv_frames(length: int, kernel: int, stride: int, padding: int = 0) -> int:

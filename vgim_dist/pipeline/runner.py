@@ -1,7 +1,7 @@
 """The pipeline runner: a Ray Train worker group, one worker per stage (one GPU each on a cluster).
 
-``ray.init()`` joins the cluster named by RAY_ADDRESS (``vgim train --address`` sets it; a ``ray job submit``
-driver has it already) and otherwise starts Ray on this machine for the length of the run: the same code from
+``ray.init()`` joins the cluster given by ``vgim train --address`` (or, in a ``ray job submit`` driver, the
+one RAY_ADDRESS names) and otherwise starts Ray on this machine for the length of the run: the same code from
 a laptop to a cluster. Ray Train places the workers, sets up torch.distributed (gloo on CPU, NCCL on GPU) and,
 when a worker dies, restarts the whole group, which resumes from the newest committed checkpoint.
 """
@@ -28,9 +28,8 @@ from vgim_dist.config import Config
 from vgim_dist.pipeline.worker import STAGE_STATS, STEP_FILE, train_stage
 from vgim_dist.storage import is_local, open_dir
 from vgim_dist.tracking import StageRef
-from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.loop import Interrupted
 from vgim_dist.train.metrics import MetricsLog
-from vgim_dist.train.reference import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +49,23 @@ class StopFlag:
 
 
 class PipelineRunner:
-    def __init__(self, cfg: Config, stage_refs: list[StageRef | None] | None = None):
+    def __init__(self, cfg: Config, stage_refs: list[StageRef | None] | None = None, address: str = ""):
         self.cfg = cfg
         self.stage_refs = stage_refs or [None] * len(cfg.stage_modules())   # MLflow run per stage, if tracked
-        self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
+        self.address = address      # Ray cluster to join; empty: a `ray job submit` driver's, else a local one
 
-    def run(self, resume: bool = False) -> dict:
+    def run(self, start: int = 0) -> dict:
+        """Train from checkpoint ``start`` (0: fresh) to ``run.steps``."""
         cfg = self.cfg
-        start = self.checkpoints.start_step(resume)
         if start:
             log.info("resuming from step %d", start)
         owns_ray = not ray.is_initialized()
         if owns_ray:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            # Joining a cluster: RAY_ADDRESS. Starting one here: it listens on localhost only.
-            ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"_node_ip_address": "127.0.0.1"}))
+            # Joining a cluster: the address given, or the one Ray sets for a submitted job's driver. Starting
+            # one here: it listens on localhost only.
+            address = self.address or os.environ.get("RAY_ADDRESS", "")
+            ray.init(**({"address": address} if address else {"_node_ip_address": "127.0.0.1"}))
         try:
             step = self.fit(start)
         finally:

@@ -14,18 +14,19 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vgim_dist.config import Config, ConfigError, dump_config, redact, to_dict
 from vgim_dist.storage import open_dir, write_bytes
+from vgim_dist.tracking.figures import loss_figures
 from vgim_dist.tracking.logger import StageRef, client, start_system_metrics
 from vgim_dist.tracking.server import embedded_uri
-from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -115,34 +116,6 @@ def _git(*args: str) -> str:
                           check=True).stdout.strip()
 
 
-def loss_figures(rows: list[dict]) -> dict[int, Any]:
-    """One matplotlib figure per module: InfoNCE and total loss, and KL beside them when it is not all 0."""
-    from matplotlib.figure import Figure  # noqa: PLC0415 - no pyplot: no global backend state
-
-    def curve(i: int, term: str) -> tuple[list[int], list[float]]:
-        pts = [(r["step"], r[f"module.{i}.{term}"]) for r in rows if f"module.{i}.{term}" in r]
-        return [s for s, _ in pts], [v for _, v in pts]
-
-    modules = sorted({int(k.split(".")[1]) for r in rows for k in r if k.startswith("module.")})
-    figures = {}
-    for i in modules:
-        kl = curve(i, "kl")
-        fig = Figure(figsize=(9 if any(kl[1]) else 5, 3.5), layout="constrained")
-        axes = fig.subplots(1, 2 if any(kl[1]) else 1, squeeze=False)[0]
-        for term in ("nce", "loss"):
-            axes[0].plot(*curve(i, term), label=term)
-        axes[0].legend()
-        if any(kl[1]):
-            axes[1].plot(*kl, color="tab:green", label="kl")
-            axes[1].legend()
-        for ax in axes:
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"module {i}")
-        figures[i] = fig
-    return figures
-
-
 def _log_batch(c: Any, run_id: str, params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
     from mlflow.entities import Param, RunTag  # noqa: PLC0415
 
@@ -160,6 +133,7 @@ class RunTracker:
         self.cfg, self.uri, self.parent_id = cfg, uri, parent_id
         self.stage_ids = stage_ids or []
         self._monitor = monitor
+        self._ended = False
 
     @property
     def enabled(self) -> bool:
@@ -167,11 +141,10 @@ class RunTracker:
 
     @classmethod
     def start(cls, cfg: Config, resume: bool = False) -> RunTracker:
-        """Open the job's runs: reuse those in ``<run.dir>/mlflow.json`` with ``resume``, else create them."""
+        """Open the job's runs: reuse those in ``<run.dir>/mlflow.json`` with ``resume``, else create them.
+        Called once the run's start is decided, so a refused run opens none."""
         if not cfg.tracking.enabled:
             return cls(cfg)
-        if not resume and CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest() is not None:
-            return cls(cfg)  # the runner refuses this run.dir without --resume: open no runs for it
         uri = tracking_uri(cfg)
         try:
             return cls._open(cfg, uri, resume)
@@ -245,25 +218,22 @@ class RunTracker:
         return StageRef(self.uri, self.stage_ids[stage], stage, t.flush_every, t.retries,
                         t.system_metrics and own_process, t.max_pending)
 
-    def finish(self, summary: dict) -> None:
-        """Log loss curves, summary.json and the encoder of the latest checkpoint (registered under
+    def finish(self, summary: dict, rows: list[dict], encoder: Callable[[], nn.Module]) -> None:
+        """Log loss curves of the metric ``rows``, summary.json and the trained ``encoder()`` (registered under
         tracking.model_name), then end the runs. A failure here is a warning: the run itself is complete."""
         if not self.enabled:
             return
         try:
-            self._finish(summary)
+            self._finish(summary, rows, encoder)
         except Exception as e:  # noqa: BLE001
             log.warning("tracking: could not finish MLflow run %s (%s); checkpoints and summary.json are complete",
                         self.parent_id, e)
 
-    def _finish(self, summary: dict) -> None:
+    def _finish(self, summary: dict, rows: list[dict], encoder: Callable[[], nn.Module]) -> None:
         from mlflow.entities import Metric  # noqa: PLC0415
 
-        cfg, c = self.cfg, client(self.uri)
-        step = CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest()
-        history = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
-        history.resume(step)
-        for i, fig in loss_figures(history.rows).items():
+        c = client(self.uri)
+        for i, fig in loss_figures(rows).items():
             c.log_figure(self.parent_id, fig, f"curves/module-{i}.png")
         c.log_dict(self.parent_id, summary, "summary.json")
         if final := summary.get("final"):
@@ -271,19 +241,16 @@ class RunTracker:
             now = int(time.time() * 1000)
             c.log_batch(self.parent_id, metrics=[Metric(k, v, now, final["step"]) for k, v in final.items()
                                                  if k != "step"])
-        self._log_encoder(step)
-        self._end("FINISHED")
+        self._log_encoder(encoder())
+        self.end("FINISHED")
 
-    def _log_encoder(self, step: int) -> None:
+    def _log_encoder(self, encoder: nn.Module) -> None:
         import mlflow  # noqa: PLC0415
         import numpy as np  # noqa: PLC0415
         from mlflow.models import ModelSignature  # noqa: PLC0415
         from mlflow.types import Schema, TensorSpec  # noqa: PLC0415
 
-        from vgim_dist.tracking.model import load_encoder  # noqa: PLC0415
-
         cfg = self.cfg
-        encoder = load_encoder(cfg, step)
         # A batch of 2: torch.export specialises size-1 dimensions. The window length stays fixed at data.crop
         # because the export specialises a GRU's sequence length.
         example = torch.zeros(2, 1, cfg.data.crop)
@@ -303,24 +270,26 @@ class RunTracker:
             log.info("tracking: registered %s version %s (models:/%s@latest)", cfg.tracking.model_name,
                      info.registered_model_version, cfg.tracking.model_name)
 
-    def _end(self, status: str) -> None:
-        if self._monitor is not None:
-            self._monitor.close()
-            self._monitor = None
-        c = client(self.uri)
-        for run_id in [*self.stage_ids, self.parent_id]:
-            c.set_terminated(run_id, status)
+    def end(self, status: str) -> None:
+        """End the job's runs with MLflow ``status`` (FINISHED, KILLED: resumable, FAILED). Never raises: the
+        run's own outcome (or error) is the one to see."""
+        if not self.enabled or self._ended:
+            return
+        self._ended = True
+        try:
+            if self._monitor is not None:
+                self._monitor.close()
+                self._monitor = None
+            c = client(self.uri)
+            for run_id in [*self.stage_ids, self.parent_id]:
+                c.set_terminated(run_id, status)
+        except Exception as e:  # noqa: BLE001
+            log.warning("tracking: could not end MLflow run %s (%s)", self.parent_id, str(e).splitlines()[0])
 
     def __enter__(self) -> RunTracker:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
-        """A job that raises leaves its runs KILLED (Ctrl-C: resumable) or FAILED, never RUNNING."""
-        if exc_type is None or not self.enabled:
-            return
-        from vgim_dist.train.reference import Interrupted  # noqa: PLC0415 - train imports tracking
-
-        try:
-            self._end("KILLED" if issubclass(exc_type, (KeyboardInterrupt, Interrupted)) else "FAILED")
-        except Exception as e:  # noqa: BLE001 - the training error is the one to see
-            log.warning("tracking: could not end MLflow run %s (%s)", self.parent_id, e)
+        """A job that raises leaves its runs KILLED (Ctrl-C) or FAILED, never RUNNING."""
+        if exc_type is not None:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")

@@ -13,19 +13,20 @@ Nothing is unpickled on load. Replicas of a stage hold identical weights, so rep
 from __future__ import annotations
 
 import json
-import logging
 import re
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from vgim_dist.parallel.deepspeed_engine import load_zero_partition_state, zero_partition_state
+from vgim_dist.parallel.deepspeed_engine import (
+    load_zero_partition_state,
+    zero_partition_state,
+)
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.train.stage import Stage
 
 _STEP_DIR = re.compile(r"step-(\d+)$")
-log = logging.getLogger(__name__)
 
 
 class CheckpointManager:
@@ -82,18 +83,6 @@ class CheckpointManager:
     def latest(self) -> int | None:
         steps = self.steps()
         return steps[-1] if steps else None
-
-    def start_step(self, resume: bool) -> int:
-        """The step a run starts from: the latest complete checkpoint with ``resume``, else 0 on an empty run."""
-        latest = self.latest()
-        if latest is None:
-            if resume:
-                log.warning("--resume: no checkpoint under %s, starting at step 0", self.root)
-            return 0
-        if not resume:
-            raise FileExistsError(f"the run directory already holds checkpoints up to step {latest} ({self.root}); "
-                                  "pass --resume to continue it, or choose another run.dir")
-        return latest
 
     def load_weights(self, step: int, module: int) -> dict[str, torch.Tensor]:
         return st_load(self.fs.cat_file(f"{self.step_dir(step)}/module-{module}.safetensors"))

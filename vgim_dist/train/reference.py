@@ -14,14 +14,11 @@ from vgim_dist.config import Config
 from vgim_dist.data.source import BatchSource, build_source
 from vgim_dist.tracking.logger import StageLogger, stage_metrics
 from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.loop import Interrupted
 from vgim_dist.train.metrics import MetricsLog
 from vgim_dist.train.stage import Stage
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """Training stopped by SIGINT after saving a resumable checkpoint."""
 
 
 class ReferenceRunner:
@@ -46,15 +43,13 @@ class ReferenceRunner:
         self.loggers = loggers or []
         self._stop = False
 
-    def restore(self, resume: bool) -> int:
-        """The step to start from: the latest complete checkpoint with ``resume``, else 0 on an empty run."""
-        start = self.checkpoints.start_step(resume)
+    def restore(self, start: int) -> None:
+        """Load every stage's checkpoint at ``start`` (0: a fresh run, nothing to load)."""
         if start:
             for stage in self.stages:
                 self.checkpoints.load_stage(stage, start)
             self.metrics.resume(start)
             log.info("resumed from step %d", start)
-        return start
 
     def save(self, step: int) -> None:
         for stage in self.stages:
@@ -62,9 +57,10 @@ class ReferenceRunner:
         self.checkpoints.commit(step, [i for s in self.stages for i in s.module_ids])
         self.metrics.flush()
 
-    def run(self, resume: bool = False) -> dict:
+    def run(self, start: int = 0) -> dict:
+        """Train from checkpoint ``start`` (0: fresh) to ``run.steps``."""
         cfg = self.cfg
-        start = self.restore(resume)
+        self.restore(start)
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         step, every, last_saved = start, cfg.checkpoint.every, start
         window_t, window_steps = time.perf_counter(), 0

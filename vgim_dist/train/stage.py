@@ -11,9 +11,9 @@ import torch.distributed as dist
 from torch import nn
 
 from vgim_dist.config import Config
-from vgim_dist.data.source import derive_seed
 from vgim_dist.model import build_module, loss_terms
 from vgim_dist.parallel.data_parallel import GroupBatchNorm1d, ReplicaGroup
+from vgim_dist.seeding import derive_seed
 
 
 def stage_generator(seed: int, module: int, device: torch.device) -> torch.Generator:

@@ -1,4 +1,7 @@
-"""The training entry point: resolve the config, prepare the run directory, start the chosen runner."""
+"""The training entry point: decide where the run starts, prepare the run directory, start the chosen runner.
+
+It sits above both runners (``train/`` and ``pipeline/``) and composes them with tracking.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,12 @@ from vgim_dist.config import Config, dump_config
 from vgim_dist.errors import UserError
 from vgim_dist.model import describe
 from vgim_dist.storage import open_dir, write_bytes
-from vgim_dist.tracking import RunTracker, StageLogger
+from vgim_dist.tracking import StageLogger
+from vgim_dist.tracking.tracker import RunTracker, move_credentials_to_env
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.tracking.tracker import move_credentials_to_env
+from vgim_dist.train.encoder import load_encoder
+from vgim_dist.train.loop import Interrupted
+from vgim_dist.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +68,36 @@ def _store_hint(uri: str) -> str:
     return "check the path; shards come from `vgim data prepare`"
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Train ``cfg`` to ``run.steps`` and return the run summary (also ``<run.dir>/summary.json``)."""
+def start_step(cfg: Config, resume: bool) -> int:
+    """The step the run starts from, decided before anything is written: 0 for a new run; with ``resume``, the
+    latest complete checkpoint (0 if the run stopped before its first). Refuses a run directory that holds
+    checkpoints without ``resume``, and ``resume`` of a run directory that holds no run."""
+    latest = CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest()
+    if not resume:
+        if latest is not None:
+            raise FileExistsError(f"the run directory already holds checkpoints up to step {latest} "
+                                  f"(run.dir={cfg.run.dir}); pass --resume to continue it, or choose another run.dir")
+        return 0
+    if latest is None:
+        fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
+        if not fs.exists(f"{root}/config.yaml"):
+            raise FileNotFoundError(f"--resume: run.dir {cfg.run.dir} holds no run (no config.yaml, no "
+                                    "checkpoint); check run.dir, or drop --resume to start a new run")
+        log.warning("--resume: no checkpoint under %s yet, starting at step 0", cfg.run.dir)
+        return 0
+    return latest
+
+
+def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
+    """Train ``cfg`` to ``run.steps`` and return the run summary (also ``<run.dir>/summary.json``).
+    ``address``: the Ray cluster a pipeline joins (default: a submitted job's, else one started here)."""
     move_credentials_to_env(cfg)   # before the config is written, logged or sent to a worker
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     # A pipeline trains on its workers' devices (a cluster's head may have no GPU); the reference trains here.
     device = resolve_device(cfg.run.device) if cfg.run.runner == "reference" else cfg.run.device
     check_inputs(cfg)
-    CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).start_step(resume)  # refuses before writing
+    start = start_step(cfg, resume)
     fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
     write_bytes(fs, f"{root}/config.yaml", dump_config(cfg).encode())
 
@@ -86,17 +113,25 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     tracker = RunTracker.start(cfg, resume)
     with tracker:  # a job that raises ends its MLflow runs FAILED or KILLED instead of leaving them RUNNING
-        if cfg.run.runner == "pipeline":
-            from vgim_dist.pipeline.runner import PipelineRunner  # noqa: PLC0415 - Ray only when asked for
+        try:
+            if cfg.run.runner == "pipeline":
+                from vgim_dist.pipeline.runner import PipelineRunner  # noqa: PLC0415 - Ray only when asked for
 
-            refs = [tracker.stage_ref(s) for s in range(len(cfg.stage_modules()))]
-            summary = PipelineRunner(cfg, refs).run(resume)
-        else:
-            from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
+                refs = [tracker.stage_ref(s) for s in range(len(cfg.stage_modules()))]
+                summary = PipelineRunner(cfg, refs, address).run(start)
+            else:
+                from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
 
-            loggers = [StageLogger(tracker.stage_ref(s)) for s in range(len(cfg.stage_modules()))]
-            summary = ReferenceRunner(cfg, device, loggers).run(resume)
+                loggers = [StageLogger(tracker.stage_ref(s)) for s in range(len(cfg.stage_modules()))]
+                summary = ReferenceRunner(cfg, device, loggers).run(start)
+        except Interrupted:
+            tracker.end("KILLED")   # resumable
+            raise
         summary = {"runner": cfg.run.runner, "stages": cfg.stage_modules(), **summary}
         write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
-        tracker.finish(summary)
+        if tracker.enabled:
+            step = summary["steps"]
+            history = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
+            history.resume(step)
+            tracker.finish(summary, history.rows, lambda: load_encoder(cfg, step))
     return summary
