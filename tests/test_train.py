@@ -113,10 +113,9 @@ def test_sigint_leaves_a_resumable_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "vgim_dist", "train", "configs/smoke.yaml", *sets,
                              "--set", f"run.dir={tmp_path}", "--set", "run.steps=100000"],
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (tmp_path / "config.yaml").exists() and time.time() < deadline:
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:   # its first row: training
         time.sleep(0.2)
-    time.sleep(3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -166,3 +165,26 @@ def test_bf16_autocast_trains_close_to_fp32():
         losses[precision] = float(m["module.0.nce"])
     assert outputs["bf16"].dtype == torch.bfloat16            # half the bytes between stages
     assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.05
+
+
+def test_metrics_reach_the_file_at_every_logged_step_and_a_resume_drops_rows_past_its_checkpoint(tmp_path):
+    import io
+
+    from vgim_dist.train.metrics import MetricsLog
+
+    def on_disk():
+        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    console = io.StringIO()
+    log = MetricsLog(str(tmp_path), 8, stream=console)
+    for step in (2, 4, 6):
+        log.record(step, {"module.0.nce": 1.0})
+        assert on_disk()[-1] == step                   # no checkpoint needed to see it
+    assert "step 6/8" in console.getvalue() and "elapsed, ETA" in console.getvalue()
+    with open(tmp_path / "metrics.jsonl", "a") as f:   # a crash in the middle of an append
+        f.write('{"step": 8, "modu')
+    again = MetricsLog(str(tmp_path), 8, stream=console)
+    again.resume(4)                                    # the checkpoint restored is step 4
+    again.record(6, {"module.0.nce": 2.0})
+    assert on_disk() == [2, 4, 6]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["module.0.nce"] == 2.0
