@@ -127,3 +127,10 @@ def test_prepare_names_the_skipped_files(tmp_path):
     out = run([*VGIM, "data", "prepare", str(corpus), "--format", "folder", "--out", str(tmp_path / "out")], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "skipped 1 files" in out.stderr and "manifest.json" in out.stderr and "broken.wav" in out.stderr
+
+
+def test_progress_is_a_line_per_item_in_a_log(capsys):
+    from vgim_dist.progress import progress
+
+    assert list(progress(range(3), "probe vowels", unit="module")) == [0, 1, 2]
+    assert capsys.readouterr().err.splitlines() == [f"probe vowels: {k}/3 module" for k in (1, 2, 3)]

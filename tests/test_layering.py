@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "vgim_dist"
 
 # Each unit (a module or subpackage; the longest matching name wins) and the units it may import.
-BASE = {"config", "data.config", "storage", "seeding", "errors"}
+BASE = {"config", "data.config", "storage", "seeding", "errors", "progress"}
 ALLOWED = {
     "__main__": {"cli"},
     "cli": {"launch", "train", "pipeline", "eval", "tracking", "data", "model", *BASE},
@@ -19,9 +19,10 @@ ALLOWED = {
     "model": {"parallel", *BASE},
     "parallel": {"config"},
     "tracking": {"config", "storage", "errors"},
-    "data": {"data.config", "storage", "seeding", "config", "errors"},
+    "data": {"data.config", "storage", "seeding", "config", "errors", "progress"},
     "config": {"data.config"},
     "errors": set(),
+    "progress": set(),
     "data.config": set(),
     "storage": set(),
     "seeding": set(),

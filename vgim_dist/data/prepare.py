@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from vgim_dist.data.audio import SAMPLE_RATE, BadAudio, load_pcm16
 from vgim_dist.data.readers import Corpus, Item
 from vgim_dist.data.store import Store
+from vgim_dist.progress import progress
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -88,7 +89,7 @@ def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: in
                 "corpus": corpus.info, "splits": {}, "skipped": list(corpus.skipped), "fixes": Counter()}
     for split, items in sorted(splits.items()):
         shards, speakers = [], set()
-        for i in range(0, len(items), shard_size):
+        for i in progress(range(0, len(items), shard_size), f"{split} shards", unit="shard"):
             chunk, name = items[i:i + shard_size], f"{split}-{i // shard_size:05d}.parquet"
             fp = _fingerprint(chunk, min_samples)
             record = _existing(store, name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 
 from vgim_dist.errors import UserError
 from vgim_dist.eval.names import LOSSES, TASKS

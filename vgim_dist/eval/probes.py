@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,7 @@ from vgim_dist.eval.features import (
     split_rule,
 )
 from vgim_dist.eval.names import TASKS, Task
+from vgim_dist.progress import progress
 from vgim_dist.eval.track import eval_dir, log_evaluation
 from vgim_dist.seeding import derive_seed
 
@@ -182,7 +182,7 @@ def probe_run(run_dir: str, task: Task, data: str, modules: list[int] | None = N
               "split_rule": split_rule(data, endpoint), "train_split": train_split, "test_split": test_split,
               "features": mode, "classes": classes, "settings": asdict(settings), "repeats": repeats,
               "seed": seed, "modules": {}}
-    for m in modules:
+    for m in progress(modules, f"probe {task}", unit="module"):
         if frames:
             (xtr, ytr), (xte, yte) = frame_rows(train, m, data), frame_rows(test, m, data)
         else:
