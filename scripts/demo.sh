@@ -10,7 +10,7 @@ rm -rf "$RUN"
 $VGIM data synth deboer "$RUN/corpus" --words 64 --seed 0
 $VGIM data prepare "$RUN/corpus" --format deboer --out "$RUN/shards"
 $VGIM train configs/smoke.yaml --set run.dir="$RUN/train" --set data.uri="$RUN/shards" \
-    --set tracking.enabled=true --set tracking.model_name=vgim-demo
+    --set tracking.model_name=vgim-demo
 echo "demo: run directory $RUN/train (config.yaml, metrics.jsonl, summary.json, checkpoints/, mlflow.db)"
 
 # Evaluate the run: syllable shards with the clean split, quick probes (z-scored: 40 steps leave features

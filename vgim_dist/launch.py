@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import sys
 
 import torch
 
@@ -116,6 +118,9 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
         try:
             if cfg.run.runner == "pipeline":
                 from vgim_dist.pipeline.runner import PipelineRunner  # noqa: PLC0415 - Ray only when asked for
+
+                if not sys.stderr.isatty():   # Ray colours its workers' log prefixes: not in a log file
+                    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
                 refs = [tracker.stage_ref(s) for s in range(len(cfg.stage_modules()))]
                 summary = PipelineRunner(cfg, refs, address).run(start)

@@ -65,6 +65,8 @@ class PipelineRunner:
             # Joining a cluster: the address given, or the one Ray sets for a submitted job's driver. Starting
             # one here: it listens on localhost only.
             address = self.address or os.environ.get("RAY_ADDRESS", "")
+            log.info("Ray: %s", f"joining the cluster at {address}" if address else
+                     "starting a local instance (10-30 s: its GCS, raylet and dashboard)")
             ray.init(**({"address": address} if address else {"_node_ip_address": "127.0.0.1"}))
         try:
             step = self.fit(start)
@@ -101,6 +103,7 @@ class PipelineRunner:
         log.info("pipeline: %d stages %s, replicas %s, on Ray %s, %.2g CPUs%s per worker, in-flight window %d",
                  stages, cfg.stage_modules(), cfg.stage_replicas(), ray.__version__, cpus,
                  " + 1 GPU" if use_gpu else "", cfg.pipeline.in_flight)
+        log.info("pipeline: waiting for Ray Train to start %d workers; each then prints its stage's steps", workers)
         with stop_on_sigint(stop):
             result = fit_in_thread(trainer)
         if result.checkpoint is None:   # nothing left to train: already at run.steps
