@@ -68,3 +68,15 @@ def deboer_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("deboer")
     synth_deboer(root, words=12, takes=2, seed=0)
     return root
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.4 MB tmpfs: room for the run files and one smoke checkpoint (about 0.95 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)

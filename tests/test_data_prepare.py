@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -13,6 +14,7 @@ import soundfile as sf
 from vgim_dist.data import cli, prepare as prepare_mod, readers
 from vgim_dist.data.loader import iter_utterances
 from vgim_dist.data.prepare import PrepareError, prepare
+from vgim_dist.data.shard import CorruptShard
 from vgim_dist.data.store import Store
 
 
@@ -143,3 +145,86 @@ def test_interrupted_prepare_resumes_without_loss_or_duplicates(librispeech_dir,
 def test_prepare_with_no_files(tmp_path):
     with pytest.raises(PrepareError, match="no audio files"):
         prepare(readers.folder(tmp_path), Store(str(tmp_path / "o")), log=_quiet)
+
+
+def test_odd_files_are_recorded_and_never_stop_the_corpus(librispeech_dir, tmp_path):
+    """A file name that is not UTF-8, a symlink loop, a dangling link and a WAV whose header promises more
+    samples than it holds: the good files become shards, the name is kept escaped, the rest are skipped."""
+    src = tmp_path / "src"
+    src.mkdir()
+    x, _ = sf.read(sorted(librispeech_dir.rglob("*.flac"))[0], dtype="int16")
+    sf.write(src / "good.wav", x, 16000, subtype="PCM_16")
+    latin1 = os.fsdecode(bytes(src) + b"/caf\xe9.wav")      # an ISO-8859-1 name: not valid UTF-8
+    shutil.copy(src / "good.wav", latin1)
+    os.symlink("loop-b.wav", src / "loop-a.wav")
+    os.symlink("loop-a.wav", src / "loop-b.wav")
+    os.symlink("gone.wav", src / "dangling.wav")
+    whole = (src / "good.wav").read_bytes()
+    (src / "cut.wav").write_bytes(whole[:len(whole) // 2])  # header still says the full length
+    m = prepare(readers.folder(src), Store(str(tmp_path / "out")), log=_quiet)
+    reasons = {s["id"]: s["reason"] for s in m["skipped"]}
+    cut = reasons.pop("cut")
+    assert cut.startswith(f"truncated: header promises {len(x)} samples, file holds ")
+    assert int(cut.rsplit(" ", 1)[1]) in range(len(x) // 2 - 100, len(x) // 2)
+    assert reasons == {"loop-a": "symlink loop", "loop-b": "symlink loop", "dangling": "dangling symlink to gone.wav"}
+    kept = {u.id: u for u in iter_utterances(str(tmp_path / "out"), "train", cache_dir=str(tmp_path / "c"))}
+    assert sorted(kept) == ["caf\\xe9", "good"]
+    assert np.array_equal(kept["caf\\xe9"].audio, kept["good"].audio)
+    json.dumps(m).encode()  # the manifest is valid UTF-8 JSON
+
+
+def _flip(path, offset: int, bit: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def _audio_offset(path) -> int:
+    """A byte inside the Parquet data pages (between the leading magic and the footer)."""
+    data = path.read_bytes()
+    footer = int.from_bytes(data[-8:-4], "little")
+    return (len(data) - 8 - footer) * 3 // 4
+
+
+def test_random_bit_flips_in_a_shard_stop_the_read_naming_shard_and_row(librispeech_dir, tmp_path):
+    clean = tmp_path / "clean"
+    prepare(readers.librispeech(librispeech_dir), Store(str(clean)), shard_size=64, log=_quiet)
+    name = "train-00000.parquet"
+    size = (clean / name).stat().st_size
+    rng = np.random.default_rng(0)
+    messages = []
+    for trial in range(40):
+        out = tmp_path / f"flip-{trial}"
+        shutil.copytree(clean, out)
+        _flip(out / name, int(rng.integers(4, size - 4)), int(rng.integers(8)))  # anywhere but the magic
+        with pytest.raises(CorruptShard) as e:
+            list(iter_utterances(str(out), "train", cache_dir=str(tmp_path / f"cache-{trial}")))
+        messages.append(str(e.value))
+        assert str(e.value).startswith(f"shard {out}/{name}: ") and "\n" not in str(e.value)
+    assert sum(" row " in m or " rows " in m for m in messages) >= 36, messages
+    # Once verified, a shard is read from the cache without reading it again.
+    cache = tmp_path / "cache-clean"
+    n = len(list(iter_utterances(str(clean), "train", cache_dir=str(cache))))
+    (clean / name).write_bytes(b"gone")
+    assert len(list(iter_utterances(str(clean), "train", cache_dir=str(cache)))) == n
+
+
+def test_damaged_shard_is_rebuilt_by_a_prepare_rerun_and_found_by_verify(librispeech_dir, tmp_path, capsys):
+    corpus = readers.librispeech(librispeech_dir)
+    out = tmp_path / "out"
+    prepare(corpus, Store(str(out)), shard_size=4, log=_quiet)
+    assert cli.main(["data", "verify", str(out)]) == 0
+    assert "5 shards verified" in capsys.readouterr().out
+    damaged = out / "train-00001.parquet"
+    _flip(damaged, _audio_offset(damaged), 5)
+    assert cli.main(["data", "verify", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"shard {out}/train-00001.parquet: row"), err
+    log = []
+    m = prepare(corpus, Store(str(out)), shard_size=4, log=log.append)
+    rebuilt = [line for line in log if not line.startswith("kept")]
+    assert len(rebuilt) == 1 and rebuilt[0].startswith(f"rebuilt train-00001.parquet: shard {out}/train-00001"), log
+    clean = tmp_path / "clean"
+    assert m == prepare(corpus, Store(str(clean)), shard_size=4, log=_quiet)
+    assert _rows(str(out)) == _rows(str(clean))
+    assert cli.main(["data", "verify", str(out)]) == 0

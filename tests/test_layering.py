@@ -11,8 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vgim_dist"
 BASE = {"config", "data.config", "storage", "seeding", "errors", "progress"}
 ALLOWED = {
     "__main__": {"cli"},
-    "cli": {"launch", "train", "pipeline", "eval", "tracking", "data", "model", *BASE},
-    "launch": {"train", "pipeline", "tracking", "data", "model", "parallel", *BASE},
+    "cli": {"launch", "plan", "train", "pipeline", "eval", "tracking", "data", "model", *BASE},
+    "launch": {"plan", "train", "pipeline", "tracking", "data", "model", "parallel", *BASE},
+    "plan": {"train", "data", "model", *BASE},
     "eval": {"train", "tracking", "data", "model", *BASE},
     "pipeline": {"train", "tracking", "data", "model", "parallel", *BASE},
     "train": {"tracking", "data", "model", "parallel", *BASE},

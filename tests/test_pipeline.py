@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import pytest
 import torch
 from ray.job_submission import JobStatus, JobSubmissionClient
 from safetensors.torch import load
+from outage import OutageProxy
 from test_train import FAST, assert_bitwise_equal
 
 from vgim_dist.config import load_config
@@ -249,3 +252,73 @@ def test_killed_replica_worker_restarts_from_the_last_checkpoint(ray_head, on_he
     assert json.loads((run_dir / "workers" / "stage-0-replica-1.json").read_text())["pid"] != victim
     assert_bitwise_equal(stored_state(str(run_dir)), stored_state(str(tmp_path / "straight")))
     assert logged_steps(run_dir) == list(range(10, 61, 10))
+
+
+def test_truncated_checkpoint_in_the_recovery_path_falls_back_to_an_intact_step(ray_head, reference, tmp_path):
+    """A worker dies while the newest committed checkpoint has a half-truncated file: the restarted group passes
+    over it to the step before and ends bitwise equal to an uninterrupted run."""
+    proc = subprocess.Popen(cli(ray_head, tmp_path, "--set", "run.steps=60", "--set", "run.log_every=10"),
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = CheckpointManager(str(tmp_path))
+    deadline = time.monotonic() + 120
+    while len(ckpt.steps()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "no second checkpoint"
+        time.sleep(0.05)
+    victim = json.loads((tmp_path / "workers" / "stage-1.json").read_text())["pid"]
+    os.kill(victim, signal.SIGSTOP)     # the pipeline halts: no newer step can commit
+    time.sleep(1)                       # a commit already past its barrier lands
+    newest = ckpt.steps()[-1]
+    damaged = Path(ckpt.step_dir(newest)) / "module-0.train.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert f"{damaged}: " in err and f"falling back to checkpoint step {newest - 10}" in err
+    workers = [json.loads((tmp_path / "workers" / f"stage-{s}.json").read_text()) for s in (0, 1)]
+    assert workers[0]["start"] == workers[1]["start"] == newest - 10
+    assert_bitwise_equal(stored_state(str(tmp_path)), reference(60))
+    assert logged_steps(tmp_path) == list(range(10, 61, 10))
+
+
+def test_run_store_outage_is_waited_out(on_head, reference, s3_endpoint):
+    """The S3 endpoint holding run.dir goes away for 45 s mid-run (connections reset, then refused) and comes
+    back: the run waits, retries its checkpoint and metrics writes, and ends bitwise equal to an uninterrupted one."""
+    import s3fs
+
+    store = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    store.mkdir("outage-runs")
+    proxy = OutageProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    run_dir = "s3://outage-runs/run"
+    cfg = load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={run_dir}", "run.steps=60", "run.log_every=10",
+                                             f"data.endpoint_url={proxy.url}"])
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(summary=train(cfg)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not store.exists("outage-runs/run/checkpoints/step-10/checkpoint.json"):
+        assert runner.is_alive() and time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.05)
+    proxy.down()
+    time.sleep(45)
+    assert runner.is_alive()
+    proxy.up()
+    runner.join(timeout=240)
+    proxy.close()
+    assert result["summary"]["steps"] == 60
+    assert_bitwise_equal(stored_state(run_dir, s3_endpoint), reference(60))
+    rows = store.cat_file("outage-runs/run/metrics.jsonl").decode().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == list(range(10, 61, 10))
+
+
+def test_full_disk_stops_the_pipeline_after_one_restart(ray_head, small_disk):
+    """ENOSPC while a stage writes its step-20 checkpoint: no retry can fix it, so the group is restarted once
+    (its workers end at once) and `vgim train` exits 1 with one line naming the path and the free space."""
+    run = subprocess.run(cli(ray_head, small_disk, "--set", "run.steps=60", "--set", "run.log_every=10"),
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 1, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"vgim train: {small_disk}/\S+: no space left on device \([\d,]+ bytes free of "
+                        r"[\d,]+; [\d,]+ needed\)", last), run.stderr
+    assert run.stderr.count("[FailurePolicy] RETRY") == 1, run.stderr
+    assert not [p for p in small_disk.rglob("*") if ".tmp-" in p.name]
+    assert CheckpointManager(str(small_disk)).newest_intact() == 10

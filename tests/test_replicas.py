@@ -38,10 +38,12 @@ outputs = []
 for step in range(steps):
     if resume_at and step == resume_at:   # checkpoint, then continue in a freshly built stage
         ckpt = CheckpointManager(out + ".ckpt")
-        ckpt.save_stage(stage, step)
-        dist.barrier()
+        written = [None] * world
+        dist.all_gather_object(written, ckpt.save_stage(stage, step))
         if rank == 0:
-            ckpt.commit(step, stage.module_ids, partitions={i: world for i in stage.module_ids} if stage.zero_partitioned else None)
+            files = {name: entry for w in written for name, entry in w.items()}
+            ckpt.commit(step, stage.module_ids, files,
+                        partitions={i: world for i in stage.module_ids} if stage.zero_partitioned else None)
         dist.barrier()
         stage = Stage(cfg, 0, replicas=group)
         ckpt.load_stage(stage, step)

@@ -61,6 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.address:
         check_ray_address(args.address)
     from vgim_dist.launch import train  # noqa: PLC0415
+    from vgim_dist.storage import StorageFault  # noqa: PLC0415
     from vgim_dist.train.loop import Interrupted  # noqa: PLC0415
 
     try:
@@ -68,6 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"vgim train: {e}", file=sys.stderr)
         return 130
+    except StorageFault as e:
+        print(f"vgim train: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"run_dir": cfg.run.dir, "steps": summary["steps"]}))
     return 0
 
@@ -87,6 +91,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"{r['module']:>6}  {r['params']:>10,}  {r['channels']:>8}  {r['frames']:>6}  {r['hop']:>5}  "
               f"{r['receptive_field']:>6}  {', '.join(r['layers'])}")
     print(f"{'total':>6}  {sum(r['params'] for r in rows):>10,}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vgim_dist.plan import table  # noqa: PLC0415
+    from vgim_dist.plan.auto import plan_config  # noqa: PLC0415
+
+    # The layout is what is being chosen: the config's stages and replicas are ignored, its threads kept.
+    cfg = load_config(args.config, [*args.overrides, "pipeline.stages=auto", "pipeline.replicas=auto",
+                                    "run.runner=pipeline"])
+    plans, ctx = plan_config(cfg, args.workers or 0, args.gpus, refresh=args.refresh)
+    prof = ctx["profile"]
+    if args.json:
+        print(json.dumps({"chosen": plans[0].to_dict(), "runners_up": [p.to_dict() for p in plans[1:3]],
+                          "workers": ctx["workers"], "gpus": ctx["gpus"], "profile": prof.to_dict(),
+                          "overrides": plans[0].overrides()}, indent=1))
+        return 0
+    print(f"{args.config}: {ctx['workers']} workers" + (f", {ctx['gpus']} GPUs" if ctx["gpus"] else ""))
+    print(table(prof, plans))
+    print("\nrun it with: " + " ".join(f"--set '{o}'" for o in ["run.runner=pipeline", *plans[0].overrides()]))
     return 0
 
 
@@ -124,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=0, help="input length in samples (default: data.crop)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per module")
     p.set_defaults(func=cmd_inspect)
+
+    p = add("plan", help="profile each module here, then choose stages, replicas and threads")
+    _add_config_args(p)
+    p.add_argument("--workers", type=int, default=0, help="workers the plan may use (default: "
+                   "pipeline.workers, else one per GPU, else one per CPU core)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs the plan may use (default: those visible "
+                   "when run.device is cuda or auto, else 0)")
+    p.add_argument("--json", action="store_true", help="print the chosen plan, two runners-up and the profile")
+    p.add_argument("--refresh", action="store_true", help="measure again instead of using the cached "
+                   "profile in <run.dir>/plan/")
+    p.set_defaults(func=cmd_plan)
 
     p = add("config", help="print the resolved config, or every key with its type and default")
     p.add_argument("config", nargs="?", help="YAML experiment file")

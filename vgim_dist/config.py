@@ -101,9 +101,14 @@ class StageConfig:
 
 @dataclass
 class PipelineConfig:
-    stages: list[list[int]] = _opt(factory=list, doc="module indices per stage; [] = one stage holding all")
+    stages: list[list[int]] | Literal["auto"] = _opt(
+        factory=list, doc="module indices per stage; [] = one stage holding all; auto = planned at launch")
     in_flight: int = _opt(2, lo=1, doc="batches a stage may run ahead of its consumer")
-    replicas: list[int] = _opt(factory=list, doc="data-parallel workers per stage, e.g. [2, 1]; [] = one each")
+    replicas: list[int] | Literal["auto"] = _opt(
+        factory=list, doc="data-parallel workers per stage, e.g. [2, 1]; [] = one each; auto = planned at launch")
+    workers: int = _opt(0, lo=0, doc="workers an auto plan may use; 0 = one per CPU core, or per GPU")
+    gpus_per_stage: float = _opt(0.0, lo=0.0, hi=1.0, doc="GPU share of each worker; 0 = a whole GPU each "
+                                 "(an auto plan sets it when workers share GPUs)")
     max_failures: int = _opt(3, lo=-1, doc="worker-group restarts from the last checkpoint; -1 = unlimited")
     cpus_per_stage: float = _opt(0.0, lo=0.0, doc="CPUs reserved per worker; 0 = min(1, CPUs / workers)")
 
@@ -141,12 +146,21 @@ class Config:
     checkpoint: CheckpointConfig = _opt(factory=CheckpointConfig)
     tracking: TrackingConfig = _opt(factory=TrackingConfig)
 
+    @property
+    def planned(self) -> bool:
+        """Stages or replicas are ``auto``: the launch replaces them with a plan before anything runs."""
+        return "auto" in (self.pipeline.stages, self.pipeline.replicas)
+
     def stage_modules(self) -> list[list[int]]:
         """The module indices of each stage (one stage with every module when none are given)."""
+        if self.pipeline.stages == "auto":
+            raise ConfigError("pipeline.stages: auto has not been planned yet (vgim_dist.plan.auto)")
         return self.pipeline.stages or [list(range(len(self.model.modules)))]
 
     def stage_replicas(self) -> list[int]:
         """Workers per stage (1 each unless ``pipeline.replicas`` says otherwise)."""
+        if self.pipeline.replicas == "auto":
+            raise ConfigError("pipeline.replicas: auto has not been planned yet (vgim_dist.plan.auto)")
         return self.pipeline.replicas or [1] * len(self.stage_modules())
 
     def validate(self) -> None:
@@ -167,6 +181,10 @@ class Config:
                 raise ConfigError(f"model.modules.{i}: a module needs conv layers, an autoregressor, or both")
             if not m.layers and i == 0:
                 raise ConfigError("model.modules.0: the first module must start with conv layers (raw audio in)")
+        if self.planned:
+            if self.pipeline.replicas == "auto" and self.run.runner != "pipeline":
+                raise ConfigError("pipeline.replicas: auto needs run.runner: pipeline")
+            return  # the split is checked once planned
         flat = [i for s in self.stage_modules() for i in s]
         if flat != list(range(n)) or any(not s for s in self.stage_modules()):
             raise ConfigError(f"pipeline.stages: {self.pipeline.stages} must split modules 0..{n - 1} into "
@@ -235,10 +253,18 @@ def _coerce(value: Any, tp: Any, key: str, meta: dict | None = None) -> Any:
             raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}{hint}")
         return value
     if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key, meta)
+        for a in args[:-1]:  # the first alternative that accepts the value; the last one's error otherwise
+            try:
+                return _coerce(value, a, key, meta)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(value, args[-1], key, meta)
+        except ConfigError:
+            raise ConfigError(f"{key}: expected {' or '.join(_kind(a) for a in args)}, got {value!r}") from None
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -349,6 +375,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def _kind(tp: Any) -> str:
+    """A type hint as the config reference names it: ``int``, ``one of a|b``, ``list[int] or auto``."""
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        return choices[0] if len(choices) == 1 else "one of " + "|".join(choices)
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_kind(a) for a in typing.get_args(tp) if a is not type(None))
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
 def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, doc) for every leaf key of the schema: the config reference."""
     rows = []
@@ -361,10 +397,7 @@ def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, 
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
-        if typing.get_origin(tp) is Literal:
-            kind = "one of " + "|".join(typing.get_args(tp))
-        else:
-            kind = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        kind = _kind(tp)
         if lo is not None:
             kind += f" >= {lo}" if hi is None else f" in [{lo}, {hi}]"
         rows.append((key, kind, repr(default), f.metadata.get("doc", "")))

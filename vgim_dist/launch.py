@@ -16,6 +16,7 @@ import torch
 from vgim_dist.config import Config, dump_config
 from vgim_dist.errors import UserError
 from vgim_dist.model import describe
+from vgim_dist.plan.auto import resolve as resolve_plan
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking import StageLogger
 from vgim_dist.tracking.tracker import RunTracker, move_credentials_to_env
@@ -23,17 +24,9 @@ from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.encoder import load_encoder
 from vgim_dist.train.loop import Interrupted
 from vgim_dist.train.metrics import MetricsLog
+from vgim_dist.train.stage import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device=cuda but no CUDA device is visible", "torch.cuda.is_available() is False",
-                        "use run.device=cpu (or auto), or run on a machine with an NVIDIA GPU and driver")
-    return torch.device(name)
 
 
 def check_inputs(cfg: Config) -> None:
@@ -72,9 +65,10 @@ def _store_hint(uri: str) -> str:
 
 def start_step(cfg: Config, resume: bool) -> int:
     """The step the run starts from, decided before anything is written: 0 for a new run; with ``resume``, the
-    latest complete checkpoint (0 if the run stopped before its first). Refuses a run directory that holds
-    checkpoints without ``resume``, and ``resume`` of a run directory that holds no run."""
-    latest = CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest()
+    newest intact committed checkpoint (0 if the run stopped before its first). Refuses a run directory that
+    holds checkpoints without ``resume``, and ``resume`` of a run directory that holds no run."""
+    checkpoints = CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url)
+    latest = checkpoints.latest()
     if not resume:
         if latest is not None:
             raise FileExistsError(f"the run directory already holds checkpoints up to step {latest} "
@@ -87,19 +81,20 @@ def start_step(cfg: Config, resume: bool) -> int:
                                     "checkpoint); check run.dir, or drop --resume to start a new run")
         log.warning("--resume: no checkpoint under %s yet, starting at step 0", cfg.run.dir)
         return 0
-    return latest
+    return checkpoints.newest_intact()
 
 
 def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
     """Train ``cfg`` to ``run.steps`` and return the run summary (also ``<run.dir>/summary.json``).
     ``address``: the Ray cluster a pipeline joins (default: a submitted job's, else one started here)."""
     move_credentials_to_env(cfg)   # before the config is written, logged or sent to a worker
+    check_inputs(cfg)              # a bad value or an unreachable store, named, before anything is written
+    start = start_step(cfg, resume)
+    cfg, plan = resolve_plan(cfg)       # pipeline.stages / replicas: auto -> a plan for this hardware
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     # A pipeline trains on its workers' devices (a cluster's head may have no GPU); the reference trains here.
     device = resolve_device(cfg.run.device) if cfg.run.runner == "reference" else cfg.run.device
-    check_inputs(cfg)
-    start = start_step(cfg, resume)
     fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
     write_bytes(fs, f"{root}/config.yaml", dump_config(cfg).encode())
 
@@ -133,6 +128,8 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
             tracker.end("KILLED")   # resumable
             raise
         summary = {"runner": cfg.run.runner, "stages": cfg.stage_modules(), **summary}
+        if plan:
+            summary["plan"] = plan
         write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
         if tracker.enabled:
             step = summary["steps"]

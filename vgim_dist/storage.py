@@ -1,10 +1,30 @@
-"""One way to read and write run files, whether the run directory is a local path or s3://bucket/prefix."""
+"""One way to read and write run files, whether the run directory is a local path or s3://bucket/prefix.
+
+An unreachable store is waited out: every read and write of a run file is retried with backoff for up to
+``RETRY_FOR_S``. A fault that waiting cannot fix (a full disk, a damaged file) raises `StorageFault` at once,
+with one line naming the path.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import fsspec
+import xxhash
+
+RETRY_FOR_S = 300.0     # how long a run waits for its store to come back before failing
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StorageFault(RuntimeError):
+    """A storage fault that retrying cannot fix (a damaged committed file, a full disk); names the path."""
 
 
 def resolve_endpoint(endpoint_url: str = "") -> str:
@@ -23,20 +43,74 @@ def open_dir(uri: str, endpoint_url: str = "") -> tuple[fsspec.AbstractFileSyste
     return fs, path.rstrip("/")
 
 
+def checksum(data: bytes) -> str:
+    """The checksum recorded for every committed file (checkpoint files, shards): xxh3-64, hex."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols
 
 
+def transient(e: BaseException) -> bool:
+    """A connection refused, reset or timed out: the store may come back."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError  # noqa: PLC0415
+        from botocore.exceptions import HTTPClientError  # noqa: PLC0415
+    except ImportError:
+        return False
+    return isinstance(e, (BotoConnectionError, HTTPClientError))
+
+
+def retrying(what: str, path: str, fn: Callable[..., T], *args) -> T:
+    """``fn(*args)``, retried with backoff (1 s, doubling to 30 s) for up to RETRY_FOR_S while it fails with a
+    transient error; any other error is raised at once."""
+    deadline, delay = time.monotonic() + RETRY_FOR_S, 1.0
+    while True:
+        try:
+            return fn(*args)
+        except Exception as e:
+            if not transient(e) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("cannot %s %s (%s: %s); retrying in %.0f s", what, path, type(e).__name__,
+                        " ".join(str(e).split()), delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    return retrying("read", path, fs.cat_file, path)
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a file whole: to a temporary name then renamed on local disks, in one PUT on object stores,
-    so that a reader never sees half a file."""
+    so that a reader never sees half a file. Retried while the store is unreachable."""
+    retrying("write", path, _write_once, fs, path, data)
+
+
+def _write_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    if is_local(fs):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with fs.open(tmp, "wb") as f:
+    if not is_local(fs):
+        fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            existing = parent
+            while not os.path.isdir(existing):
+                existing = os.path.dirname(existing)
+            usage = shutil.disk_usage(existing)
+            raise StorageFault(f"{path}: no space left on device ({usage.free:,} bytes free of {usage.total:,}; "
+                               f"{len(data):,} needed)") from None
+        raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,15 @@ def to_pcm16(x: np.ndarray) -> np.ndarray:
 def load_pcm16(path: Path) -> tuple[np.ndarray, list[str]]:
     """Mono 16 kHz int16 samples and the repairs made on the way (mixed down, resampled, clipped)."""
     try:
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        # bytes: a file name that is not valid UTF-8 opens too
+        x, sr = sf.read(os.fsencode(path), dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001 - libsndfile raises several types for corrupt files
         raise BadAudio(f"unreadable: {e}") from e
     if x.shape[0] == 0:
         raise BadAudio("empty: no samples")
+    promised = wav_header_frames(path)
+    if promised is not None and promised > x.shape[0]:  # libsndfile quietly reads what is there
+        raise BadAudio(f"truncated: header promises {promised} samples, file holds {x.shape[0]}")
     if not np.isfinite(x).all():
         raise BadAudio("non-finite samples (NaN or inf)")
     fixes = []
@@ -43,3 +49,22 @@ def load_pcm16(path: Path) -> tuple[np.ndarray, list[str]]:
     if np.abs(x).max() > 1.0:
         fixes.append("clipped")
     return to_pcm16(x), fixes
+
+
+def wav_header_frames(path: Path) -> int | None:
+    """Frames a RIFF/WAVE header's ``data`` chunk declares; None for other files or streamed (unsized) data."""
+    with open(path, "rb") as f:
+        riff = f.read(12)
+        if riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+            return None
+        block_align = 0
+        while len(head := f.read(8)) == 8:
+            kind, size = head[:4], struct.unpack("<I", head[4:])[0]
+            if kind == b"fmt " and size >= 16:
+                block_align = struct.unpack("<H", f.read(16)[12:14])[0]
+                f.seek(size - 16 + (size & 1), os.SEEK_CUR)
+            elif kind == b"data":
+                return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+            else:
+                f.seek(size + (size & 1), os.SEEK_CUR)
+    return None

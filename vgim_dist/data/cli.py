@@ -68,8 +68,22 @@ def _prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(a: argparse.Namespace) -> int:
+    from vgim_dist.data.prepare import PrepareError, verify  # noqa: PLC0415
+    from vgim_dist.data.store import Store, StoreError  # noqa: PLC0415
+
+    try:
+        n, bad = verify(Store(a.uri, a.endpoint_url), log=lambda _line: None)
+    except (StoreError, PrepareError) as e:
+        raise UserError(str(e), a.uri, "check the URI and --endpoint-url") from e
+    for line in bad:
+        print(line, file=sys.stderr)
+    print(f"{n} shards verified in {a.uri}: " + (f"{len(bad)} damaged or missing" if bad else "all intact"))
+    return 1 if bad else 0
+
+
 def add_data_commands(subparsers) -> None:
-    """Register ``data synth deboer``, ``data synth librispeech`` and ``data prepare``."""
+    """Register ``data synth deboer``, ``data synth librispeech``, ``data prepare`` and ``data verify``."""
     data = subparsers.add_parser("data", help="synthesise corpora, prepare shards")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
@@ -104,6 +118,11 @@ def add_data_commands(subparsers) -> None:
                    help="deboer syllables: the corpus folders, or the split of each syllable's word")
     p.add_argument("--labels", help="folder: CSV with a path column and label columns")
     p.set_defaults(func=_prepare)
+
+    p = dsub.add_parser("verify", help="check every shard of a store against the checksums in its manifest")
+    p.add_argument("uri", help="local folder or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    p.set_defaults(func=_verify)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Reading shards: random crops as a pure function of (seed, step), and full utterances for evaluation.
 
-On open, each shard of a split is unpacked once into an uncompressed Arrow IPC file under the cache
-directory (remote shards are downloaded first) and memory-mapped. The audio column's data buffer is then
+On open, each shard of a split is read once (downloaded, for remote shards), verified against the checksum
+``manifest.json`` records for it, unpacked into an uncompressed Arrow IPC file under the cache directory and
+memory-mapped; a damaged shard stops the read with an error naming the shard and the row. The audio column's data buffer is then
 one int16 array per shard, so a crop is a numpy slice plus an int16 -> float32 conversion.
 """
 
@@ -18,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from vgim_dist.data.audio import SCALE
 from vgim_dist.data.config import DataConfig
 from vgim_dist.data.prepare import MANIFEST
+from vgim_dist.data.shard import decode
 from vgim_dist.data.store import Store, StoreError
 from vgim_dist.seeding import derive_seed
 
@@ -86,16 +87,14 @@ class Split:
 
 
 def _unpacked(store: Store, shard: dict, cache: Path) -> Path:
-    """The shard as an uncompressed Arrow IPC file in the cache (made once; safe under concurrency)."""
-    out = cache / f"{shard['name'].removesuffix('.parquet')}-{shard['fingerprint'][:16]}.arrow"
+    """The shard, verified, as an uncompressed Arrow IPC file in the cache (made once; safe under concurrency).
+    The cache file is named by the shard's checksum, so a changed shard is never served from an old copy."""
+    out = cache / f"{shard['name'].removesuffix('.parquet')}-{shard.get('xxh3_64', shard['fingerprint'])[:16]}.arrow"
     if out.exists():
         return out
-    src = store.local_path(shard["name"])
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        if src is None:
-            src = Path(tmp) / shard["name"]
-            store.download(shard["name"], src)
-        table = pq.read_table(src).combine_chunks()
+        table = decode(f"{store.uri}/{shard['name']}", store.read_bytes(shard["name"]),
+                       shard.get("xxh3_64")).combine_chunks()
         part = Path(tmp) / out.name
         with pa.ipc.new_file(str(part), table.schema) as w:
             w.write_table(table)

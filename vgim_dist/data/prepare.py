@@ -1,31 +1,28 @@
 """Corpus -> int16 Parquet shards + ``manifest.json`` on a local path or s3://.
 
 Each split's utterances, in id order, are cut into fixed chunks of ``shard_size`` source files; chunk i
-becomes ``<split>-<i>.parquet``, written atomically with its own skip list and a fingerprint of its inputs
-in the Parquet footer. A re-run keeps every shard whose fingerprint matches and rebuilds the rest, so an
-interrupted run resumes with no utterance lost or duplicated. ``manifest.json`` is written last.
+becomes ``<split>-<i>.parquet`` (`prepare_shard`), written atomically with its own skip list and a fingerprint
+of its inputs in the Parquet footer. A re-run keeps every shard whose fingerprint matches and whose rows all
+match their checksums, and rebuilds the rest, so an interrupted run resumes with no utterance lost,
+duplicated or damaged. ``manifest.json`` is written last, with each shard's size and file checksum.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from vgim_dist.data.audio import SAMPLE_RATE, BadAudio, load_pcm16
-from vgim_dist.data.readers import Corpus, Item
+from vgim_dist.data.readers import Corpus, Item, utf8_name
+from vgim_dist.data.shard import FORMAT_VERSION, SCHEMA, CorruptShard, decode, encode, footer_record
 from vgim_dist.data.store import Store
 from vgim_dist.progress import progress
+from vgim_dist.storage import checksum
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SCHEMA = pa.schema([("id", pa.string()), ("speaker", pa.string()), ("labels", pa.string()),
-                    ("length", pa.int64()), ("audio", pa.large_binary())])  # audio: int16 little-endian
 
 
 class PrepareError(RuntimeError):
@@ -36,24 +33,12 @@ def _fingerprint(chunk: list[Item], min_samples: int) -> str:
     h = hashlib.sha256(f"v{FORMAT_VERSION} min_samples={min_samples}".encode())
     for it in chunk:  # a rewritten source file changes its size or mtime, so its shard is rebuilt
         st = it.path.stat()
-        h.update(f"\n{it.id}\t{it.path}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+        h.update(f"\n{it.id}\t".encode() + os.fsencode(it.path) + f"\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
-def _existing(store: Store, name: str) -> dict | None:
-    """The footer record of a finished shard, or None when absent or unreadable (rebuilt then)."""
-    if not store.exists(name):
-        return None
-    try:
-        with store.open(name) as f:
-            meta = pq.read_metadata(f).metadata or {}
-        return json.loads(meta[b"vgim"])
-    except Exception:  # noqa: BLE001 - a truncated or foreign file is simply rebuilt
-        return None
-
-
 def _build(chunk: list[Item], min_samples: int, record: dict) -> bytes:
-    rows: dict[str, list] = {f: [] for f in SCHEMA.names}
+    rows: dict[str, list] = {f: [] for f in SCHEMA.names[:-1]}
     skipped, fixes = [], Counter()
     for it in chunk:
         try:
@@ -61,18 +46,39 @@ def _build(chunk: list[Item], min_samples: int, record: dict) -> bytes:
             if len(pcm) < min_samples:
                 raise BadAudio(f"too short: {len(pcm)} samples < {min_samples}")
         except BadAudio as e:
-            skipped.append({"id": it.id, "path": str(it.path), "reason": str(e)})
+            skipped.append({"id": it.id, "path": utf8_name(it.path), "reason": str(e)})
             continue
         fixes.update(repairs)
-        for f, v in zip(SCHEMA.names, (it.id, it.speaker, json.dumps(it.labels, sort_keys=True), len(pcm),
+        for f, v in zip(SCHEMA.names[:-1], (it.id, it.speaker, json.dumps(it.labels, sort_keys=True), len(pcm),
                                        pcm.astype("<i2").tobytes())):
             rows[f].append(v)
     record.update(utterances=len(rows["id"]), samples=int(sum(rows["length"])), skipped=skipped,
                   fixes=dict(fixes), speakers=sorted(set(rows["speaker"])))
-    table = pa.table(rows, schema=SCHEMA).replace_schema_metadata({"vgim": json.dumps(record)})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=max(1, len(chunk)))
-    return buf.getvalue()
+    return encode(rows, record)
+
+
+def prepare_shard(store: Store, name: str, chunk: list[Item], min_samples: int) -> tuple[dict, dict, str]:
+    """Make shard ``name`` of ``chunk``: (its footer record, its manifest entry, a line saying what was done).
+    An existing shard is kept when it was made from the same inputs and every row matches its checksum."""
+    fp = _fingerprint(chunk, min_samples)
+    data = store.read_bytes(name) if store.exists(name) else None
+    record = footer_record(data) if data is not None else None
+    done = ""
+    if record is not None and record.get("fingerprint") == fp:
+        try:
+            decode(f"{store.uri}/{name}", data, want=None)
+            done = f"kept {name} (already complete, every row verified)"
+        except CorruptShard as e:
+            done = f"rebuilt {name}: {e}"
+    if not done.startswith("kept"):
+        record = {"fingerprint": fp}
+        data = _build(chunk, min_samples, record)
+        store.write_bytes(name, data)
+        done = done or f"wrote {name}"
+        done += f": {record['utterances']} utterances, {len(record['skipped'])} skipped"
+    entry = {"name": name, "utterances": record["utterances"], "samples": record["samples"], "fingerprint": fp,
+             "bytes": len(data), "xxh3_64": checksum(data)}
+    return record, entry, done
 
 
 def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: int = 1,
@@ -90,21 +96,13 @@ def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: in
     for split, items in sorted(splits.items()):
         shards, speakers = [], set()
         for i in progress(range(0, len(items), shard_size), f"{split} shards", unit="shard"):
-            chunk, name = items[i:i + shard_size], f"{split}-{i // shard_size:05d}.parquet"
-            fp = _fingerprint(chunk, min_samples)
-            record = _existing(store, name)
-            if record is None or record.get("fingerprint") != fp:
-                record = {"fingerprint": fp}
-                data = _build(chunk, min_samples, record)
-                store.write_bytes(name, data)
-                log(f"wrote {name}: {record['utterances']} utterances, {len(record['skipped'])} skipped")
-            else:
-                log(f"kept {name} (already complete)")
+            record, entry, done = prepare_shard(store, f"{split}-{i // shard_size:05d}.parquet",
+                                                items[i:i + shard_size], min_samples)
+            log(done)
             manifest["skipped"] += record["skipped"]
             manifest["fixes"].update(record["fixes"])
             speakers.update(record["speakers"])
-            shards.append({"name": name, "utterances": record["utterances"], "samples": record["samples"],
-                           "fingerprint": fp})
+            shards.append(entry)
         n, samples = sum(s["utterances"] for s in shards), sum(s["samples"] for s in shards)
         manifest["splits"][split] = {"utterances": n, "samples": samples, "seconds": samples / SAMPLE_RATE,
                                      "speakers": len(speakers), "shards": shards}
@@ -117,3 +115,29 @@ def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: in
                            f"no manifest written to {store}")
     store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def verify(store: Store, log: Callable[[str], None] = print) -> tuple[int, list[str]]:
+    """Check every shard ``manifest.json`` lists against its checksum: (shards checked, one line per damaged or
+    missing shard, naming the row where it can)."""
+    try:
+        manifest = json.loads(store.read_bytes(MANIFEST))
+    except FileNotFoundError:
+        raise PrepareError(f"no {MANIFEST} in {store}") from None
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    bad = []
+    for shard in shards:
+        name = f"{store.uri}/{shard['name']}"
+        try:
+            data = store.read_bytes(shard["name"])
+        except FileNotFoundError:
+            bad.append(f"shard {name}: missing")
+            continue
+        if shard.get("xxh3_64") is None or checksum(data) != shard["xxh3_64"]:
+            try:
+                decode(name, data, shard.get("xxh3_64"))
+            except CorruptShard as e:
+                bad.append(str(e))
+                continue
+        log(f"ok {shard['name']}")
+    return len(shards), bad

@@ -7,6 +7,8 @@ syllable) are listed in ``skipped`` with a reason, never dropped silently.
 from __future__ import annotations
 
 import csv
+import errno
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,11 +36,32 @@ class Corpus:
     info: dict = field(default_factory=dict)  # format and split rule, copied into the manifest
 
     def skip(self, id_: str, path: Path | str, reason: str) -> None:
-        self.skipped.append({"id": id_, "path": str(path), "reason": reason})
+        self.skipped.append({"id": utf8_name(id_), "path": utf8_name(path), "reason": reason})
 
 
-def _audio_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+def utf8_name(name: Path | str) -> str:
+    """A file name as valid UTF-8: bytes that are not (``os.fsdecode``'s surrogates) become ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _audio_files(root: Path, corpus: Corpus | None = None) -> list[Path]:
+    """Audio files under ``root``, sorted. Links that lead nowhere (dangling, or a loop) are skipped into
+    ``corpus`` when given."""
+    found = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() not in AUDIO_SUFFIXES:
+            continue
+        if p.is_file():
+            found.append(p)
+        elif p.is_symlink() and corpus is not None:
+            try:
+                os.stat(p)
+                reason = "symlink to something that is not a file"
+            except OSError as e:
+                reason = ("symlink loop" if e.errno == errno.ELOOP
+                          else f"dangling symlink to {utf8_name(os.readlink(p))}")
+            corpus.skip(p.relative_to(root).with_suffix("").as_posix(), p, reason)
+    return found
 
 
 def librispeech(root: Path, split_dir: Path | None = None, phones: Path | None = None) -> Corpus:
@@ -67,8 +90,8 @@ def librispeech(root: Path, split_dir: Path | None = None, phones: Path | None =
 
     corpus = Corpus([], info={"format": "librispeech", "split_rule": "split files" if split_of else "all train"})
     found = set()
-    for p in _audio_files(root):
-        uid = p.stem
+    for p in _audio_files(root, corpus):
+        uid = utf8_name(p.stem)
         found.add(uid)
         split = split_of.get(uid, "train" if not split_of else "")
         if not split:
@@ -91,27 +114,27 @@ def deboer(root: Path, level: Literal["word", "syllable"] = "word",
     ``split_rule="clean"`` puts each syllable in the split of the word recording it was cut from, so no
     syllable test clip comes from a recording the encoder trained on; ``original`` keeps the folders.
     """
-    word_split = {p.stem: p.parent.name for p in _audio_files(root / DEBOER_WORDS)}
+    word_split = {utf8_name(p.stem): utf8_name(p.parent.name) for p in _audio_files(root / DEBOER_WORDS)}
     if level == "word":
         corpus = Corpus([], info={"format": "deboer", "level": "word", "split_rule": "original"})
-        for p in _audio_files(root / DEBOER_WORDS):
-            word = p.stem.split("_")[0]
-            corpus.items.append(Item(p.stem, "deboer", p.parent.name, p, {"word": word}))
+        for p in _audio_files(root / DEBOER_WORDS, corpus):
+            word = utf8_name(p.stem).split("_")[0]
+            corpus.items.append(Item(utf8_name(p.stem), "deboer", utf8_name(p.parent.name), p, {"word": word}))
         return corpus
     corpus = Corpus([], info={"format": "deboer", "level": "syllable", "split_rule": split_rule})
-    for p in _audio_files(root / DEBOER_SYLLABLES):
-        parts = p.stem.split("_")
-        syllable = p.stem[-2:]
+    for p in _audio_files(root / DEBOER_SYLLABLES, corpus):
+        stem = utf8_name(p.stem)
+        parts, syllable = stem.split("_"), stem[-2:]
         if len(parts) != 4 or syllable not in SYLLABLES:
-            corpus.skip(p.stem, p, "name is not <word>_<take>_<position>_<syllable>")
+            corpus.skip(stem, p, "name is not <word>_<take>_<position>_<syllable>")
             continue
         recording = f"{parts[0]}_{parts[1]}"
-        split = p.parent.name if split_rule == "original" else word_split.get(recording, "")
+        split = utf8_name(p.parent.name) if split_rule == "original" else word_split.get(recording, "")
         if not split:
-            corpus.skip(p.stem, p, f"clean split: word recording {recording} not in {DEBOER_WORDS}")
+            corpus.skip(stem, p, f"clean split: word recording {recording} not in {DEBOER_WORDS}")
             continue
         labels = {"syllable": syllable, "vowel": syllable[1], "word": parts[0], "position": int(parts[2])}
-        corpus.items.append(Item(p.stem, "deboer", split, p, labels))
+        corpus.items.append(Item(stem, "deboer", split, p, labels))
     return corpus
 
 
@@ -122,7 +145,7 @@ def folder(root: Path, labels_csv: Path | None = None) -> Corpus:
     every other column a label), the CSV defines the corpus and files not in it are skipped.
     """
     corpus = Corpus([], info={"format": "folder", "split_rule": "csv split column" if labels_csv else "all train"})
-    files = {p.relative_to(root).as_posix(): p for p in _audio_files(root)}
+    files = {utf8_name(p.relative_to(root).as_posix()): p for p in _audio_files(root, corpus)}
     if labels_csv is None:
         rows = [{"path": rel} for rel in files]
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import fsspec
@@ -63,18 +62,5 @@ class Store:
     def read_bytes(self, name: str) -> bytes:
         return self._call("read from", self.fs.cat_file, self._path(name))
 
-    def open(self, name: str):
-        """A seekable binary file object (ranged reads on S3)."""
-        return self._call("read from", self.fs.open, self._path(name), "rb")
-
     def write_bytes(self, name: str, data: bytes) -> None:
         self._call("write to", write_bytes, self.fs, self._path(name), data)
-
-    def download(self, name: str, local: Path) -> None:
-        """Copy an object to a local file, atomically (concurrent readers may race for the same file)."""
-        tmp = local.with_name(f"{local.name}.tmp{os.getpid()}")
-        self._call("read from", self.fs.get_file, self._path(name), str(tmp))
-        os.replace(tmp, local)
-
-    def local_path(self, name: str) -> Path | None:
-        return None if self.remote else Path(self._path(name))

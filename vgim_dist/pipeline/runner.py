@@ -9,7 +9,6 @@ when a worker dies, restarts the whole group, which resumes from the newest comm
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -17,17 +16,16 @@ import threading
 import time
 from concurrent.futures import Future
 from contextlib import contextmanager
-from pathlib import Path
 
-import pyarrow.fs
 import ray
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from vgim_dist.config import Config
-from vgim_dist.pipeline.worker import STAGE_STATS, STEP_FILE, train_stage
-from vgim_dist.storage import is_local, open_dir
+from vgim_dist.pipeline.worker import STAGE_STATS, train_stage
+from vgim_dist.storage import StorageFault, is_local, open_dir
 from vgim_dist.tracking import StageRef
+from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.loop import Interrupted
 from vgim_dist.train.metrics import MetricsLog
 
@@ -46,6 +44,21 @@ class StopFlag:
 
     async def wait(self) -> None:
         await self.event.wait()
+
+
+@ray.remote(num_cpus=0)
+class FatalFault:
+    """The first fault a worker hit that no restart can fix (its one-line message); restarted workers that find
+    one end at once, and the driver raises it."""
+
+    def __init__(self):
+        self.message = ""
+
+    def record(self, message: str) -> None:
+        self.message = self.message or message
+
+    def get(self) -> str:
+        return self.message
 
 
 class PipelineRunner:
@@ -84,47 +97,61 @@ class PipelineRunner:
         """Train from ``start`` on a Ray Train worker group; the step of the run's last checkpoint."""
         cfg = self.cfg
         stages, workers = len(cfg.stage_modules()), sum(cfg.stage_replicas())
-        use_gpu = self.use_gpu()
-        cpus = cfg.pipeline.cpus_per_stage or min(1.0, ray.cluster_resources().get("CPU", 1.0) / workers)
-        stop = StopFlag.remote()
+        use_gpu, resources = placement(cfg, ray.cluster_resources())
+        stop, fault = StopFlag.remote(), FatalFault.remote()
         trainer = TorchTrainer(
             train_stage,
-            train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+            train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs,
+                               "fault": fault},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(
                 # A new Ray Train run per invocation: where to start is read from run.dir, never from Ray
                 # Train's memory of an earlier invocation.
                 name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
                 **self.ray_storage(),
                 failure_config=FailureConfig(max_failures=cfg.pipeline.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
         )
         log.info("pipeline: %d stages %s, replicas %s, on Ray %s, %.2g CPUs%s per worker, in-flight window %d",
-                 stages, cfg.stage_modules(), cfg.stage_replicas(), ray.__version__, cpus,
-                 " + 1 GPU" if use_gpu else "", cfg.pipeline.in_flight)
+                 stages, cfg.stage_modules(), cfg.stage_replicas(), ray.__version__, resources["CPU"],
+                 f" + {resources['GPU']:g} GPU" if use_gpu else "", cfg.pipeline.in_flight)
         log.info("pipeline: waiting for Ray Train to start %d workers; each then prints its stage's steps", workers)
         with stop_on_sigint(stop):
-            result = fit_in_thread(trainer)
-        if result.checkpoint is None:   # nothing left to train: already at run.steps
-            return start
-        with result.checkpoint.as_directory() as d:
-            return json.loads(Path(d, STEP_FILE).read_text())["step"]
-
-    def use_gpu(self) -> bool:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if self.cfg.run.device == "cuda" and not gpus:
-            raise RuntimeError("run.device: cuda requested but the Ray cluster has no GPU")
-        return self.cfg.run.device == "cuda" or (self.cfg.run.device == "auto" and gpus > 0)
+            fit_in_thread(trainer)
+        if message := ray.get(fault.get.remote()):
+            raise StorageFault(message)
+        # run.dir, not Ray Train, records the checkpoints: the run ends at the newest committed one
+        return CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest() or start
 
     def ray_storage(self) -> dict:
-        """Ray Train's own storage (its run state and the step markers reported to it): ``<run.dir>/ray``,
-        shared by every node when run.dir is on S3."""
+        """Ray Train's own state, on the driver's disk: ``<run.dir>/ray`` for a local run.dir, else Ray's default
+        (``~/ray_results``). Its controller lives beside the driver and fails when it cannot write this state,
+        so it never goes where an outage of a remote run store could reach it; workers write nothing there."""
         fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
-        if is_local(fs):
-            return {"storage_path": os.path.abspath(f"{root}/ray")}
-        return {"storage_path": f"{root}/ray",
-                "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+        return {"storage_path": os.path.abspath(f"{root}/ray")} if is_local(fs) else {}
+
+
+def placement(cfg: Config, cluster: dict[str, float]) -> tuple[bool, dict[str, float]]:
+    """(use_gpu, resources per worker) for the worker group on a cluster with ``cluster`` resources.
+
+    A worker asks for ``pipeline.gpus_per_stage`` of a GPU (default a whole one): with 0.5, two stage workers
+    share each GPU, so a pipeline of more stages than GPUs still places (Ray packs fractional requests onto
+    one device). CPUs: ``pipeline.cpus_per_stage``, default an equal share of the cluster's, at most one.
+    """
+    workers = sum(cfg.stage_replicas())
+    gpus = cluster.get("GPU", 0)
+    if cfg.run.device == "cuda" and not gpus:
+        raise RuntimeError("run.device: cuda requested but the Ray cluster has no GPU")
+    use_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and gpus > 0)
+    resources = {"CPU": cfg.pipeline.cpus_per_stage or min(1.0, cluster.get("CPU", 1.0) / workers)}
+    if use_gpu:
+        share = cfg.pipeline.gpus_per_stage or 1.0
+        if workers * share > gpus + 1e-9:
+            raise RuntimeError(f"pipeline: {workers} workers x {share:g} GPU each need {workers * share:g} GPUs, "
+                               f"the Ray cluster has {gpus:g}; set pipeline.gpus_per_stage to at most "
+                               f"{gpus / workers:.3g} to share them, or plan with pipeline.stages: auto")
+        resources["GPU"] = share
+    return use_gpu, resources
 
 
 def fit_in_thread(trainer: TorchTrainer) -> Result:

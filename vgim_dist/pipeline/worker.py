@@ -4,7 +4,8 @@ Stage 0 reads batches itself; every other stage trains on what its producer stre
 exactly the reference runner's steps on exactly the reference runner's inputs, so a CPU run ends bitwise
 equal to it. Every ``checkpoint.every`` steps all stages save the same step; rank 0 commits once all have
 written and reports it to Ray Train. A group that Ray Train restarts after a failure resumes, every rank
-alike, from the newest committed checkpoint.
+alike, from the newest intact committed checkpoint. Ray Train itself is told nothing of checkpoints: run.dir
+is the only record of them.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import ray
 import ray.train
@@ -27,15 +26,14 @@ from vgim_dist.config import Config
 from vgim_dist.data.source import build_source
 from vgim_dist.model import loss_terms
 from vgim_dist.parallel.data_parallel import ReplicaGroup, split_sizes
-from vgim_dist.pipeline.transport import Receiver, Sender
-from vgim_dist.storage import open_dir, write_bytes
+from vgim_dist.pipeline.transport import Receiver, Sender, device_identity, link_channel
+from vgim_dist.storage import StorageFault, open_dir, write_bytes
 from vgim_dist.tracking import StageLogger, StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.metrics import MetricsLog, eta
 from vgim_dist.train.stage import Stage
 
 STAGE_STATS = ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")
-STEP_FILE = "step.json"     # the whole of the checkpoint reported to Ray Train; the state is in run.dir
 
 
 def metric_names(cfg: Config, stage: int) -> list[str]:
@@ -163,11 +161,20 @@ class StageWorker:
         self.device = ray.train.torch.get_device()
         # Flow control, checkpoint barriers and the resume step travel on gloo whatever carries activations.
         self.control = dist.new_group(backend="gloo")
+        # Which ranks share a device decides each link's channel (fractional GPUs put stages on one GPU).
+        self.devices: list[str] = [""] * dist.get_world_size()
+        dist.all_gather_object(self.devices, device_identity(self.device, ray.util.get_node_ip_address()),
+                               group=self.control)
         # Every rank takes part in creating every group, in the same order; each keeps its own stage's.
         self.replicas, replica_control = None, None
         for t, n in enumerate(reps):
             if n > 1:
                 ranks = list(range(first[t], first[t] + n))
+                shared = {self.devices[r] for r in ranks}
+                if len(shared) < n and any(d.startswith("cuda") for d in shared):
+                    raise RuntimeError(f"pipeline.replicas: the {n} replicas of stage {t} share GPUs ({sorted(shared)}); "
+                                       "replicas need a device each (NCCL rejects two ranks on one device): lower "
+                                       "pipeline.gpus_per_stage's sharing or the replica count")
                 group, gloo = dist.new_group(ranks), dist.new_group(ranks, backend="gloo")
                 if t == s:
                     self.replicas, replica_control = ReplicaGroup(group, self.replica, n), gloo
@@ -181,11 +188,11 @@ class StageWorker:
             self.inputs = Batches(cfg, self.start, stop, self.device, self.replicas, replica_control)
         else:
             peers = self._peers(first[s - 1], reps[s - 1], reps[s])
-            self.inputs = Gather([Receiver(p, upstream, self.device, self.control) for p in peers])
+            self.inputs = Gather([Receiver(p, upstream, self.device, self.control, self._channel(p)) for p in peers])
         self.output = None
         if s < self.last:
             peers = self._peers(first[s + 1], reps[s + 1], reps[s])
-            self.output = Fanout([Sender(p, cfg.pipeline.in_flight, self.control) for p in peers])
+            self.output = Fanout([Sender(p, cfg.pipeline.in_flight, self.control, self._channel(p)) for p in peers])
         self.own = metric_names(cfg, s)
         # Replica 0 speaks for its stage: MLflow run, metrics rows.
         self.tracking = StageLogger(stage_refs[s] if self.replica == 0 else None)
@@ -195,6 +202,9 @@ class StageWorker:
             self.metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
             self.metrics.resume(self.start)
 
+    def _channel(self, peer: int) -> str:
+        return link_channel(self.devices[self.rank], self.devices[peer])
+
     def _peers(self, neighbour_first: int, neighbour_replicas: int, own_replicas: int) -> list[int]:
         """World ranks of the neighbour stage this worker exchanges with: its replica twin when both sides have
         equal counts, else every replica of the replicated side (the other side has one worker)."""
@@ -203,13 +213,10 @@ class StageWorker:
         return list(range(neighbour_first, neighbour_first + neighbour_replicas))
 
     def _restore(self) -> int:
-        """Load the newest complete checkpoint, as rank 0 sees it, so that every rank starts from the same step.
-
-        That is the driver's resume step on a first attempt, and on a restart after a failure it is newer than
-        the checkpoint Ray Train would hand back (which lags the last one reported by up to a health-check
-        interval), so a restart loses no committed step.
-        """
-        step = torch.tensor([(self.checkpoints.latest() or 0) if self.rank == 0 else 0])
+        """Load the newest intact committed checkpoint, as rank 0 sees it, so that every rank starts from the
+        same step: the driver's resume step on a first attempt, the last commit on a restart after a failure
+        (or the one before it, when a file of the last is damaged)."""
+        step = torch.tensor([(self.checkpoints.newest_intact() or 0) if self.rank == 0 else 0])
         dist.broadcast(step, src=0, group=self.control)
         start = int(step)
         if start:
@@ -267,23 +274,30 @@ class StageWorker:
         self.metrics.record(step, row, prefix=f"stage {self.stage_index} " if self.last else "")
 
     def _checkpoint(self, step: int) -> None:
-        self.checkpoints.save_stage(self.stage, step)
+        written = self.checkpoints.save_stage(self.stage, step)
         if self.metrics:
             self.metrics.flush()
-        dist.barrier(group=self.control)    # every stage has written `step`
+        every = [None] * dist.get_world_size(self.control)
+        dist.all_gather_object(every, written, group=self.control)    # every stage has written `step`
         if self.rank != 0:
-            ray.train.report({"step": step})
             return
         modules = [i for s in self.cfg.stage_modules() for i in s]
         partitions = None
         if self.stage.zero_partitioned:  # ZeRO: every replica of every stage wrote its partition
             partitions = {i: n for mods, n in zip(self.cfg.stage_modules(), self.cfg.stage_replicas()) for i in mods}
-        self.checkpoints.commit(step, modules, partitions=partitions)
-        with tempfile.TemporaryDirectory() as d:
-            Path(d, STEP_FILE).write_text(json.dumps({"step": step}))
-            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        files = {name: entry for w in every for name, entry in w.items()}
+        self.checkpoints.commit(step, modules, files, partitions=partitions)
 
 
 def train_stage(config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker``."""
-    StageWorker(config["cfg"], config["stop"], config["stage_refs"]).run()
+    """Ray Train's ``train_loop_per_worker``. A fault no restart can fix (a full disk) is recorded with the
+    driver's ``fault`` actor before the worker fails, and every worker of a restarted group then ends at once,
+    so the run stops after one restart instead of redoing its steps ``pipeline.max_failures`` times."""
+    fault = config["fault"]
+    if ray.get(fault.get.remote()):
+        return
+    try:
+        StageWorker(config["cfg"], config["stop"], config["stage_refs"]).run()
+    except StorageFault as e:
+        ray.get(fault.record.remote(str(e)))
+        raise

@@ -6,27 +6,34 @@ Layout under ``<run.dir>/checkpoints/step-<N>/``:
                                 (``module.<i>.rng``); JSON metadata (step, param groups) in the header
   module-<i>.zero-<r>.safetensors  DeepSpeed ZeRO 1/2 only: replica r's partition of the master weights and
                                 Adam moments (resumable with the same replica count)
-  checkpoint.json               written last, once every module is saved: marks the checkpoint complete
-Nothing is unpickled on load. Replicas of a stage hold identical weights, so replica 0 writes them.
+  checkpoint.json               written last, once every module is saved: marks the checkpoint complete and
+                                records each file's size and xxh3-64 checksum
+Nothing is unpickled on load, and nothing is loaded that does not match its checksum: a resume takes the newest
+committed step whose files are intact, with a warning naming each damaged file it passes over. Replicas of a
+stage hold identical weights, so replica 0 writes them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from vgim_dist.parallel.deepspeed_engine import (
-    load_zero_partition_state,
-    zero_partition_state,
-)
-from vgim_dist.storage import open_dir, write_bytes
+from vgim_dist.parallel.deepspeed_engine import load_zero_partition_state, zero_partition_state
+from vgim_dist.storage import StorageFault, checksum, open_dir, read_bytes, retrying, write_bytes
 from vgim_dist.train.stage import Stage
 
 _STEP_DIR = re.compile(r"step-(\d+)$")
+log = logging.getLogger(__name__)
+MARKER = "checkpoint.json"
+
+
+class CorruptCheckpoint(StorageFault):
+    """A committed checkpoint file does not match the size or checksum its marker records; names the file."""
 
 
 class CheckpointManager:
@@ -38,45 +45,53 @@ class CheckpointManager:
     def step_dir(self, step: int) -> str:
         return f"{self.root}/step-{step}"
 
-    def save_stage(self, stage: Stage, step: int) -> None:
-        """Write the stage's modules for ``step`` (the stage must have taken exactly ``step`` steps)."""
+    def save_stage(self, stage: Stage, step: int) -> dict[str, dict]:
+        """Write the stage's modules for ``step`` (the stage must have taken exactly ``step`` steps); the
+        size and checksum of each file written, by name, for ``commit``."""
         assert stage.step == step, f"stage {stage.index} is at step {stage.step}, asked to save step {step}"
-        d = self.step_dir(step)
         rank = stage.replicas.rank if stage.replicas else 0
+        files = {}
         for pos, i in enumerate(stage.module_ids):
             if rank == 0:
                 weights, train, meta = stage.module_state(pos)
-                write_bytes(self.fs, f"{d}/module-{i}.safetensors", st_save(weights))
-                write_bytes(self.fs, f"{d}/module-{i}.train.safetensors",
-                            st_save(train, metadata={"meta": json.dumps(meta)}))
+                files[f"module-{i}.safetensors"] = st_save(weights)
+                files[f"module-{i}.train.safetensors"] = st_save(train, metadata={"meta": json.dumps(meta)})
             if stage.zero_partitioned:
-                write_bytes(self.fs, f"{d}/module-{i}.zero-{rank}.safetensors",
-                            st_save(zero_partition_state(stage.engines[pos])))
+                files[f"module-{i}.zero-{rank}.safetensors"] = st_save(zero_partition_state(stage.engines[pos]))
+        for name, data in files.items():
+            write_bytes(self.fs, f"{self.step_dir(step)}/{name}", data)
+        return {name: {"bytes": len(data), "xxh3_64": checksum(data)} for name, data in files.items()}
 
-    def commit(self, step: int, modules: list[int], info: dict | None = None,
+    def commit(self, step: int, modules: list[int], files: dict[str, dict], info: dict | None = None,
                partitions: dict[int, int] | None = None) -> None:
         """Mark ``step`` complete once every module (and, for ZeRO, every replica's partition of module i,
-        ``partitions[i]`` of them) is on storage; prune old checkpoints."""
+        ``partitions[i]`` of them) is on storage at the size ``files`` (every stage's ``save_stage``) records;
+        prune old checkpoints."""
         d = self.step_dir(step)
-        files = [f"{d}/module-{i}.train.safetensors" for i in modules]
-        files += [f"{d}/module-{i}.zero-{r}.safetensors" for i, n in (partitions or {}).items() for r in range(n)]
-        missing = [f.rsplit("/", 1)[1] for f in files if not self.fs.exists(f)]
-        if missing:
-            raise RuntimeError(f"checkpoint step {step} incomplete: {missing} missing under {d}")
-        write_bytes(self.fs, f"{d}/checkpoint.json",
-                    json.dumps({"step": step, "modules": modules, **(info or {})}, indent=1).encode())
+        names = [f"module-{i}{kind}.safetensors" for i in modules for kind in ("", ".train")]
+        names += [f"module-{i}.zero-{r}.safetensors" for i, n in (partitions or {}).items() for r in range(n)]
+        stored = {p["name"].rsplit("/", 1)[1]: p["size"] for p in retrying("list", d, self.fs.ls, d, True)}
+        bad = [n for n in names if n not in files or stored.get(n) != files[n]["bytes"]]
+        if bad:
+            raise RuntimeError(f"checkpoint step {step} incomplete: {bad} missing or short under {d}")
+        write_bytes(self.fs, f"{d}/{MARKER}", json.dumps(
+            {"step": step, "modules": modules, **(info or {}), "files": {n: files[n] for n in names}},
+            indent=1).encode())
         if self.keep:
             for old in self.steps()[: -self.keep]:
-                self.fs.rm(self.step_dir(old), recursive=True)
+                retrying("delete", self.step_dir(old), self.fs.rm, self.step_dir(old), True)
 
     def steps(self) -> list[int]:
         """Complete checkpoints, oldest first."""
+        return retrying("list", self.root, self._steps)
+
+    def _steps(self) -> list[int]:
         if not self.fs.exists(self.root):
             return []
         found = []
         for p in self.fs.ls(self.root, detail=False):
             m = _STEP_DIR.search(p.rstrip("/"))
-            if m and self.fs.exists(f"{p.rstrip('/')}/checkpoint.json"):
+            if m and self.fs.exists(f"{p.rstrip('/')}/{MARKER}"):
                 found.append(int(m.group(1)))
         return sorted(found)
 
@@ -84,18 +99,57 @@ class CheckpointManager:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def newest_intact(self) -> int | None:
+        """The newest committed step whose every file matches its marker, passing over damaged ones with a
+        warning that names the file; None when nothing is committed. Raises CorruptCheckpoint when every
+        committed step is damaged: a run never starts over silently from older state or from scratch."""
+        steps = self.steps()
+        for step in reversed(steps):
+            try:
+                for name in self._marker(step).get("files", {}):
+                    self.read(step, name)
+                return step
+            except CorruptCheckpoint as e:
+                older = [s for s in steps if s < step]
+                if not older:
+                    raise
+                log.warning("%s; falling back to checkpoint step %d", e, older[-1])
+        return None
+
+    def _marker(self, step: int) -> dict:
+        return json.loads(read_bytes(self.fs, f"{self.step_dir(step)}/{MARKER}"))
+
+    def read(self, step: int, name: str) -> bytes:
+        """A file of committed step ``step``, verified against the size and checksum its marker records."""
+        path = f"{self.step_dir(step)}/{name}"
+        want = self._marker(step).get("files")
+        if want is None:  # committed before checkpoints carried checksums
+            log.warning("%s: checkpoint step %d records no checksums; loaded unverified", path, step)
+            return read_bytes(self.fs, path)
+        if name not in want:
+            raise CorruptCheckpoint(f"{path}: not recorded in its {MARKER}")
+        try:
+            data = read_bytes(self.fs, path)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{path}: missing from a committed checkpoint") from None
+        if len(data) != want[name]["bytes"]:
+            raise CorruptCheckpoint(f"{path}: {len(data)} bytes, committed with {want[name]['bytes']} (truncated?)")
+        if checksum(data) != want[name]["xxh3_64"]:
+            raise CorruptCheckpoint(f"{path}: checksum mismatch (xxh3-64 {checksum(data)}, committed with "
+                                    f"{want[name]['xxh3_64']})")
+        return data
+
     def load_weights(self, step: int, module: int) -> dict[str, torch.Tensor]:
-        return st_load(self.fs.cat_file(f"{self.step_dir(step)}/module-{module}.safetensors"))
+        return st_load(self.read(step, f"module-{module}.safetensors"))
 
     def load_stage(self, stage: Stage, step: int) -> None:
-        d = self.step_dir(step)
         for pos, i in enumerate(stage.module_ids):
-            raw = self.fs.cat_file(f"{d}/module-{i}.train.safetensors")
+            raw = self.read(step, f"module-{i}.train.safetensors")
             meta = json.loads(_header_metadata(raw)["meta"])
             stage.load_module_state(pos, self.load_weights(step, i), st_load(raw), meta)
             if stage.zero_partitioned:
                 rank = stage.replicas.rank if stage.replicas else 0
-                part = st_load(self.fs.cat_file(f"{d}/module-{i}.zero-{rank}.safetensors"))
+                part = st_load(self.read(step, f"module-{i}.zero-{rank}.safetensors"))
                 load_zero_partition_state(stage.engines[pos], part)
 
 

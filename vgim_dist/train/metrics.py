@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from vgim_dist.storage import is_local, open_dir, write_bytes
+from vgim_dist.storage import is_local, open_dir, read_bytes, write_bytes
 
 
 class MetricsLog:
@@ -30,16 +30,18 @@ class MetricsLog:
         self._clock = (time.monotonic(), 0)   # (time, step) the run started at: elapsed and ETA
 
     def resume(self, step: int) -> None:
-        if self.fs.exists(self.path):
-            lines = self.fs.cat_file(self.path).decode().splitlines()
-            rows = [json.loads(line) for line in lines[:-1] if line]
-            try:            # the last line may be cut short by a crash in the middle of an append
-                rows += [json.loads(lines[-1])] if lines and lines[-1] else []
-            except json.JSONDecodeError:
-                pass
-            self.rows = [r for r in rows if r["step"] <= step]
-            self._written = len(self.rows) if len(self.rows) == len(lines) else None
         self._clock = (time.monotonic(), step)
+        try:
+            lines = read_bytes(self.fs, self.path).decode().splitlines()
+        except FileNotFoundError:
+            return
+        rows = [json.loads(line) for line in lines[:-1] if line]
+        try:            # the last line may be cut short by a crash in the middle of an append
+            rows += [json.loads(lines[-1])] if lines and lines[-1] else []
+        except json.JSONDecodeError:
+            pass
+        self.rows = [r for r in rows if r["step"] <= step]
+        self._written = len(self.rows) if len(self.rows) == len(lines) else None
 
     def record(self, step: int, values: dict[str, torch.Tensor | float], prefix: str = "") -> dict:
         row = {"step": step, **{k: float(v) for k, v in values.items()}}

@@ -52,9 +52,10 @@ class ReferenceRunner:
             log.info("resumed from step %d", start)
 
     def save(self, step: int) -> None:
+        files = {}
         for stage in self.stages:
-            self.checkpoints.save_stage(stage, step)
-        self.checkpoints.commit(step, [i for s in self.stages for i in s.module_ids])
+            files.update(self.checkpoints.save_stage(stage, step))
+        self.checkpoints.commit(step, [i for s in self.stages for i in s.module_ids], files)
         self.metrics.flush()
 
     def run(self, start: int = 0) -> dict:

@@ -11,9 +11,20 @@ import torch.distributed as dist
 from torch import nn
 
 from vgim_dist.config import Config
+from vgim_dist.errors import UserError
 from vgim_dist.model import build_module, loss_terms
 from vgim_dist.parallel.data_parallel import GroupBatchNorm1d, ReplicaGroup
 from vgim_dist.seeding import derive_seed
+
+
+def resolve_device(name: str) -> torch.device:
+    """``run.device`` as a torch device: ``auto`` is a GPU when one is visible."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device=cuda but no CUDA device is visible", "torch.cuda.is_available() is False",
+                        "use run.device=cpu (or auto), or run on a machine with an NVIDIA GPU and driver")
+    return torch.device(name)
 
 
 def stage_generator(seed: int, module: int, device: torch.device) -> torch.Generator:

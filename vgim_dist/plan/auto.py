@@ -1,0 +1,76 @@
+"""``pipeline.stages: auto`` / ``pipeline.replicas: auto``: plan the layout at launch, before anything runs.
+
+The profile comes from ``<run.dir>/plan/`` when this config, device and batch shape were measured before
+(a resumed run plans the same layout), else it is measured here. The plan is written to
+``<run.dir>/plan/plan.json`` and returned for the run's summary (and so MLflow).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import torch
+
+from vgim_dist.config import Config
+from vgim_dist.plan.planner import Plan, rank, table
+from vgim_dist.plan.profile import cached_profile, host_cores
+from vgim_dist.storage import open_dir, write_bytes
+from vgim_dist.train.stage import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def default_workers(gpus: int) -> int:
+    """Workers a plan may use unless told: one per GPU, or one per CPU core."""
+    return gpus or host_cores()
+
+
+def plan_config(cfg: Config, workers: int = 0, gpus: int | None = None, refresh: bool = False
+                ) -> tuple[list[Plan], dict]:
+    """Every layout for ``cfg`` on this machine's device, best first, and the profile they come from (as a dict).
+    Parts of the layout that ``cfg`` fixes (stages, replicas, threads) stay as given."""
+    device = resolve_device(cfg.run.device)         # profiled where the plan is made
+    gpus = (torch.cuda.device_count() if device.type == "cuda" else 0) if gpus is None else gpus
+    if cfg.run.runner == "reference":
+        workers = 1
+    workers = workers or cfg.pipeline.workers or default_workers(gpus)
+    # A pinned thread count is all that needs measuring.
+    prof = cached_profile(cfg, device, refresh=refresh, threads=[cfg.run.threads] if cfg.run.threads else None)
+    p = cfg.pipeline
+    pinned = {"stages": None if p.stages == "auto" else cfg.stage_modules(),
+              "replicas": None if p.replicas == "auto" else (p.replicas or None),
+              "replicate": p.replicas == "auto",
+              "threads": cfg.run.threads or None}
+    plans = rank(prof, workers, gpus, **pinned)
+    if not plans:
+        raise RuntimeError(f"plan: no layout of {len(cfg.model.modules)} modules fits {workers} workers"
+                           + (f" on {gpus} GPUs" if gpus else "") + f" (profile: {prof.device_name})")
+    return plans, {"profile": prof, "workers": workers, "gpus": gpus}
+
+
+def resolve(cfg: Config) -> tuple[Config, dict | None]:
+    """``cfg`` with ``auto`` stages/replicas replaced by the best plan, and that plan as a dict (None when
+    nothing was ``auto``)."""
+    if not cfg.planned:
+        return cfg, None
+    plans, ctx = plan_config(cfg)
+    best, prof = plans[0], ctx["profile"]
+    log.info("plan for %d workers%s:\n%s", ctx["workers"], f" on {ctx['gpus']} GPUs" if ctx["gpus"] else "",
+             table(prof, plans))
+    out = copy.deepcopy(cfg)
+    out.pipeline.stages = [s.modules for s in best.stages]
+    out.pipeline.replicas = [s.replicas for s in best.stages]
+    out.run.threads = cfg.run.threads or best.threads
+    if best.gpus_per_worker and not cfg.pipeline.gpus_per_stage and best.gpus_per_worker < 1:
+        out.pipeline.gpus_per_stage = best.gpus_per_worker
+    out.validate()
+    record = {**best.to_dict(), "workers_allowed": ctx["workers"], "gpus": ctx["gpus"],
+              "profile_cost_s": prof.cost_s, "device": f"{prof.device} ({prof.device_name})",
+              "runners_up": [{"stages": [s.modules for s in p.stages], "replicas": [s.replicas for s in p.stages],
+                              "threads": p.threads, "step_s": p.step_s, "bottleneck": p.bottleneck}
+                             for p in plans[1:3]]}
+    fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
+    write_bytes(fs, f"{root}/plan/plan.json", json.dumps(record, indent=1).encode())
+    return out, record
