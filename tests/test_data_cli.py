@@ -12,7 +12,7 @@ from vgim_dist.data.loader import iter_utterances
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vgim_dist.data.cli", "data", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vgim_dist", "data", *args], capture_output=True,
                           text=True, timeout=120)
 
 

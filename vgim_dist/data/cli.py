@@ -123,14 +123,3 @@ def add_data_commands(subparsers) -> None:
     p.add_argument("uri", help="local folder or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=_verify)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vgim")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
