@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import socket
 import subprocess
@@ -39,8 +40,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     stop = signal.signal(signal.SIGTERM, _interrupt)
     hangup = signal.signal(signal.SIGHUP, _interrupt)
     try:
-        wait_ready(proc, url)
-        print(f"MLflow UI at {url} (store {redact(store)}); Ctrl-C stops it", flush=True)
+        wait_ready(proc, url, timeout=300)   # seconds on a quiet machine, minutes on a loaded one
+        print(f"MLflow UI at {url}{landing_page(args)} (store {redact(store)}); Ctrl-C stops it", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
@@ -55,6 +56,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def landing_page(args: argparse.Namespace) -> str:
+    """The part of the UI's address that opens on the training runs (the UI's default is its GenAI
+    overview): the run's experiment when the run directory names it."""
+    ids = Path(args.run_dir) / "mlflow.json"
+    if not args.uri and ids.exists():
+        return f"/#/experiments/{json.loads(ids.read_text())['experiment_id']}/runs?workflowType=machine_learning"
+    return "/#/experiments?workflowType=machine_learning"
 
 
 def _interrupt(signum, frame) -> None:
