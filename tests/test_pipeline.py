@@ -136,7 +136,7 @@ def cli(head: Head, run_dir: Path, *args: str) -> list[str]:
 
 def test_two_stages_equal_the_reference(on_head, reference, tmp_path):
     summary = train(load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path}", "run.steps=20",
-                                                       "pipeline.stages=[[0],[1,2,3]]"]))
+                                                       "pipeline.stages=[[0],[1,2,3]]", "tracking.enabled=true"]))
     assert_bitwise_equal(stored_state(str(tmp_path)), reference(20))
     assert summary["steps"] == 20 and len(summary["stage_stats"]) == 2
     assert logged_steps(tmp_path) == list(range(2, 21, 2))
@@ -145,6 +145,21 @@ def test_two_stages_equal_the_reference(on_head, reference, tmp_path):
                 "stage.1.step_time_s", "windows_per_s"):
         assert key in row
     assert 0 < row["stage.0.in_flight"] <= 2
+    # MLflow: one parent, a child per stage, each with its own worker process's system metrics.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    ids = json.loads((tmp_path / "mlflow.json").read_text())
+    runs = client.search_runs([ids["experiment_id"]])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_name for r in parents] == ["smoke V-GIM s0 pipeline"]
+    stages = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id),
+                    key=lambda r: r.info.run_name)
+    assert [r.info.run_name for r in stages] == ["stage-0 (M0)", "stage-1 (M1-M3)"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for r in stages:
+        assert {"system/process_cpu_percent", "system/process_rss_mb"} <= set(r.data.metrics), r.info.run_name
+    assert not any(k.startswith("system/") for k in parents[0].data.metrics)   # the driver does not train
 
 
 def test_four_stages_on_s3_equal_the_reference(on_head, reference, s3_endpoint):

@@ -143,7 +143,7 @@ def test_resume_logs_into_the_same_runs_without_duplicate_steps_and_vgim_ui_show
     ui = subprocess.Popen([sys.executable, "-m", "vgim_dist", "ui", str(tmp_path), "--port", str(port)],
                           stdout=subprocess.PIPE, text=True)
     try:
-        wait_ready(ui, url)
+        wait_ready(ui, url, timeout=300)
         assert ui.stdout.readline().startswith(f"MLflow UI at {url}")
         parent = get(url, "runs/get", run_id=json.loads(ids)["parent_run_id"])["run"]
         assert {p["key"]: p["value"] for p in parent["data"]["params"]}["run.steps"] == "4"   # params are immutable
@@ -219,7 +219,7 @@ def test_a_hung_store_never_slows_training(tmp_path, monkeypatch, caplog):
             os.kill(pid, sig)
 
     try:
-        wait_ready(server, url, timeout=180)
+        wait_ready(server, url, timeout=300)
         tree += [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
         original = RunTracker.start
 
@@ -311,7 +311,7 @@ def test_vgim_ui_refuses_a_taken_port_and_stops_its_server_on_sigterm(tmp_path):
     ui = subprocess.Popen([sys.executable, "-m", "vgim_dist", "ui", "--uri", f"sqlite:///{tmp_path}/m.db",
                            "--port", str(port)], stdout=subprocess.PIPE, text=True)
     try:
-        wait_ready(ui, f"http://127.0.0.1:{port}")
+        wait_ready(ui, f"http://127.0.0.1:{port}", timeout=300)
         server = psutil.Process(ui.pid).children(recursive=True)
         assert server
         ui.send_signal(signal.SIGTERM)
