@@ -37,20 +37,20 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline import run_time  # noqa: E402
+from pipeline import run_time
 
-from vgim_dist.config import Config, load_config  # noqa: E402
-from vgim_dist.data.config import DataConfig  # noqa: E402
-from vgim_dist.data.loader import ShardSource  # noqa: E402
-from vgim_dist.data.prepare import prepare  # noqa: E402
-from vgim_dist.data.readers import folder  # noqa: E402
-from vgim_dist.data.source import NoiseSource  # noqa: E402
-from vgim_dist.data.store import Store  # noqa: E402
-from vgim_dist.model.flops import step_flops  # noqa: E402
-from vgim_dist.plan import table  # noqa: E402
-from vgim_dist.plan.auto import plan_config  # noqa: E402
-from vgim_dist.plan.profile import host_cores  # noqa: E402
-from vgim_dist.train.stage import Stage  # noqa: E402
+from vgim_dist.config import Config, load_config
+from vgim_dist.data.config import DataConfig
+from vgim_dist.data.loader import ShardSource
+from vgim_dist.data.prepare import prepare
+from vgim_dist.data.readers import folder
+from vgim_dist.data.source import NoiseSource
+from vgim_dist.data.store import Store
+from vgim_dist.model.flops import step_flops
+from vgim_dist.plan import table
+from vgim_dist.plan.auto import plan_config
+from vgim_dist.plan.profile import host_cores
+from vgim_dist.train.stage import Stage
 
 # Dense peak TFLOP/s (no sparsity) by GPU name: (bf16, tf32). fp32 convolutions run as TF32 on cuDNN by default.
 PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100 PCIe": (756.0, 378.0), "H100": (989.0, 494.0),
@@ -195,7 +195,8 @@ def markdown(result: dict) -> str:
              f"{result['wall_s']:.0f} s in all", "", "| item | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
     lines += ["", "## Reference step", "",
-              "| precision | batch | s / step | windows / s | peak memory GiB | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+              "| precision | batch | s / step | windows / s | peak memory GiB | TFLOP/s | MFU |",
+              "|---|---|---|---|---|---|---|"]
     for r in result.get("reference", []):
         if "error" in r:
             lines.append(f"| {r.get('precision', '?')} | error: {r['error']} | | | | | |")

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import TUNED_MALLOC  # noqa: E402
+from step_time import TUNED_MALLOC
 
-from vgim_dist.config import Config, load_config  # noqa: E402
-from vgim_dist.data.source import build_source  # noqa: E402
-from vgim_dist.launch import train  # noqa: E402
-from vgim_dist.train.metrics import MetricsLog  # noqa: E402
-from vgim_dist.train.stage import Stage  # noqa: E402
+from vgim_dist.config import Config, load_config
+from vgim_dist.data.source import build_source
+from vgim_dist.launch import train
+from vgim_dist.train.metrics import MetricsLog
+from vgim_dist.train.stage import Stage
 
 
 def stage_inputs(cfg: Config, stage: int, distinct: int = 4) -> list[torch.Tensor]:
@@ -133,8 +133,9 @@ def main() -> None:
     pipeline = run_time(args.config, [*overrides, "run.runner=pipeline", "run.threads=1"], args.steps, args.warmup)
     reference = {t: run_time(args.config, [*overrides, "run.runner=reference", f"run.threads={t}"], args.steps,
                              args.warmup) for t in sorted({1, n})}
-    replicated = args.replicas and run_time(args.config, [*overrides, "run.runner=pipeline", "run.threads=1",
-                                                          f"pipeline.replicas={args.replicas}"], args.steps, args.warmup)
+    replicated = args.replicas and run_time(
+        args.config, [*overrides, "run.runner=pipeline", "run.threads=1", f"pipeline.replicas={args.replicas}"],
+        args.steps, args.warmup)
 
     print(f"{args.config} {' '.join(args.overrides)}: stages {cfg.stage_modules()}, batch {batch} x "
           f"{cfg.data.crop} samples, malloc {args.malloc}, {args.steps} steps after {args.warmup}")

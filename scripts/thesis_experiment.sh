@@ -36,7 +36,7 @@ for method in gim vgim; do
         --set tracking.enabled=true
       echo "thesis: trained $run in ${SECONDS}s"
     fi
-    for task in syllables vowels; do  # raw features (SPEC 6), and z-scored per channel (docs/evaluation.md)
+    for task in syllables vowels; do  # raw features (docs/method.md), and z-scored per channel (docs/evaluation.md)
       for scale in "" --standardize; do
         $VGIM eval probe "$run" --task "$task" --data "$OUT/syllables" --all --repeats "$REPEATS" --few-labels $scale
       done

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,22 +13,18 @@ import pytest
 
 from vgim_dist.data.synth import synth_deboer, synth_librispeech
 
+from helpers import free_port
+
 pytest_plugins = ["mlflow_fixtures"]  # the MLflow server fixture (tests/ is on sys.path)
 
 # DeepSpeed JIT-compiles a C++ op on first use: cache it in the repository's ignored build folder.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "build" / "torch_extensions"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """URL of a moto S3 server on 127.0.0.1, with dummy AWS credentials set for the whole session."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

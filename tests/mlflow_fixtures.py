@@ -2,7 +2,9 @@
 
 import pytest
 
-from vgim_dist.tracking.server import free_port, start_server, wait_ready
+from vgim_dist.tracking.server import start_server, wait_ready
+
+from helpers import free_port
 
 
 @pytest.fixture(scope="session")

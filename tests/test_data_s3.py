@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from vgim_dist.data import readers
@@ -16,6 +17,8 @@ from vgim_dist.data.config import DataConfig
 from vgim_dist.data.loader import ShardSource, iter_utterances
 from vgim_dist.data.prepare import prepare
 from vgim_dist.data.store import Store
+
+pytestmark = pytest.mark.slow  # `make test` runs it, `make test-fast` skips it
 
 
 def _cli(*args, **env):

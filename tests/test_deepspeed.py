@@ -5,13 +5,15 @@ import json
 
 import pytest
 import torch
-from test_replicas import OVERRIDES, STEPS, reference, run_replicas
 
 from vgim_dist.config import load_config
 from vgim_dist.launch import train
 
+from helpers import FAST, REPLICA_OVERRIDES, REPLICA_STEPS, replica_reference, run_replicas
+
+pytestmark = pytest.mark.slow  # `make test` runs it, `make test-fast` skips it
+
 pytest.importorskip("deepspeed")
-FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=1", "run.threads=1", "tracking.enabled=false"]
 
 
 def rows(run_dir):
@@ -20,7 +22,7 @@ def rows(run_dir):
 
 def test_deepspeed_zero0_follows_the_torch_engine(tmp_path):
     for engine in ("torch", "deepspeed"):
-        train(load_config("configs/smoke.yaml", [*FAST, "run.steps=6", f"stage.engine={engine}",
+        train(load_config("configs/smoke.yaml", [*FAST, "run.log_every=1", "run.steps=6", f"stage.engine={engine}",
                                                  f"run.dir={tmp_path / engine}", "optim.grad_clip=5.0"]))
     for a, b in zip(rows(tmp_path / "torch"), rows(tmp_path / "deepspeed"), strict=True):
         for k in a:
@@ -30,9 +32,9 @@ def test_deepspeed_zero0_follows_the_torch_engine(tmp_path):
 
 @pytest.mark.parametrize("zero", [1, 2])
 def test_zero_replicas_follow_one_unreplicated_torch_stage(tmp_path, zero):
-    plain = [*OVERRIDES, "model.batch_norm=false"]
-    got = run_replicas(tmp_path, 2, [*plain, "stage.engine=deepspeed", f"stage.zero={zero}"], STEPS)[0]
-    state, metrics, _ = reference(STEPS, plain)
+    plain = [*REPLICA_OVERRIDES, "model.batch_norm=false"]
+    got = run_replicas(tmp_path, 2, [*plain, "stage.engine=deepspeed", f"stage.zero={zero}"], REPLICA_STEPS)[0]
+    state, metrics, _ = replica_reference(REPLICA_STEPS, plain)
     for k, v in state.items():
         if ".optim." in k:
             continue                      # ZeRO keeps the moments in per-replica partitions
@@ -45,7 +47,7 @@ def test_zero_replicas_follow_one_unreplicated_torch_stage(tmp_path, zero):
 
 
 def test_zero_checkpoint_resumes_exactly(tmp_path):
-    overrides = [*OVERRIDES, "model.batch_norm=false", "stage.engine=deepspeed", "stage.zero=1"]
+    overrides = [*REPLICA_OVERRIDES, "model.batch_norm=false", "stage.engine=deepspeed", "stage.zero=1"]
     straight = run_replicas(tmp_path / "a", 2, overrides, 6)
     resumed = run_replicas(tmp_path / "b", 2, overrides, 6, resume_at=3)
     assert (tmp_path / "b" / "state.ckpt" / "checkpoints" / "step-3" / "module-0.zero-1.safetensors").exists()

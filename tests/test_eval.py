@@ -20,7 +20,9 @@ from vgim_dist.eval.probes import ProbeSettings, probe_run
 from vgim_dist.eval.report import build_report
 from vgim_dist.launch import train
 
-FAST_PROBE = ProbeSettings(standardize=True)  # SPEC 6 epochs; z-scored: a 12-step encoder's features barely vary
+pytestmark = pytest.mark.slow  # `make test` runs it, `make test-fast` skips it
+
+FAST_PROBE = ProbeSettings(standardize=True)  # the method's epochs; z-scored: a 12-step encoder's features barely vary
 
 
 @pytest.fixture(scope="session")
@@ -95,12 +97,12 @@ def test_report_is_self_contained_and_logged_to_mlflow(setup):
     assert sources and all(s.startswith(("data:image/png;base64,", "data:audio/wav;base64,")) for s in sources)
     assert "href=" not in html  # nothing outside the file
     plots = Path(run, "eval", "plots")
-    for name in ("tsne.png", "histograms-module-0.png", "loss-module-0.png", "probe-vowels-standardized-weights-module-1.png",
-                 "decoder-m1-mse-spectrograms.png"):
+    for name in ("tsne.png", "histograms-module-0.png", "loss-module-0.png",
+                 "probe-vowels-standardized-weights-module-1.png", "decoder-m1-mse-spectrograms.png"):
         assert (plots / name).stat().st_size > 1000, name
     assert "| V-GIM | 1 |" in out.with_suffix(".md").read_text()
 
-    from mlflow import MlflowClient  # noqa: PLC0415
+    from mlflow import MlflowClient
 
     ids = json.loads(Path(run, "mlflow.json").read_text())
     c = MlflowClient(ids["tracking_uri"])
@@ -129,10 +131,10 @@ def test_bad_input_names_the_file_or_key(setup, tmp_path):
 def test_speaker_and_phone_probes_on_librispeech_layout(setup, librispeech_dir, tmp_path):
     """Speakers per utterance; phones per 10 ms frame of the GRU module, labels from an alignment file
     (here loud vs quiet frames, which the synthetic corpus does not have otherwise)."""
-    import shutil  # noqa: PLC0415
+    import shutil
 
-    import numpy as np  # noqa: PLC0415
-    import soundfile as sf  # noqa: PLC0415
+    import numpy as np
+    import soundfile as sf
 
     corpus = tmp_path / "libri"
     shutil.copytree(librispeech_dir, corpus)

@@ -1,6 +1,7 @@
 """Fault injection with the reference runner: a flipped bit or a truncated file in a checkpoint is never loaded
 (a resume falls back to the newest intact step, ending bitwise equal to an uninterrupted run, or stops with one
-line naming the file); a full disk stops the run at once, naming the path and the free space."""
+line naming the file); a full disk stops the run at once, naming the path and the free space; a damaged shard
+stops it naming the shard and the row."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ import logging
 import re
 from pathlib import Path
 
-from test_train import assert_bitwise_equal, cfg_for, final_state, run_cli
+import pytest
+
+from vgim_dist.data import readers
+from vgim_dist.data.prepare import prepare
+from vgim_dist.data.store import Store
 from vgim_dist.launch import train
 from vgim_dist.train.checkpoint import CheckpointManager
+
+from helpers import assert_bitwise_equal, cfg_for, final_state, run_cli
 
 
 def flip_bit(path: Path, offset: int, bit: int = 0) -> None:
@@ -41,6 +48,7 @@ def test_flipped_bit_in_a_checkpoint_tensor_falls_back_to_the_previous_step(tmp_
     assert steps == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_truncated_only_checkpoint_stops_with_one_line_naming_it(tmp_path):
     sets = [a for s in ["data.crop=2560", "data.batch_size=4", "run.threads=1", f"run.dir={tmp_path}"]
             for a in ("--set", s)]
@@ -54,6 +62,7 @@ def test_truncated_only_checkpoint_stops_with_one_line_naming_it(tmp_path):
     assert "Traceback" not in resumed.stderr
 
 
+@pytest.mark.slow
 def test_full_disk_stops_at_once_naming_the_path_and_leaves_no_temporary_file(small_disk):
     sets = [a for s in ["data.crop=2560", "data.batch_size=4", "run.threads=1", f"run.dir={small_disk}",
                         "run.steps=6", "checkpoint.every=2"] for a in ("--set", s)]
@@ -65,3 +74,18 @@ def test_full_disk_stops_at_once_naming_the_path_and_leaves_no_temporary_file(sm
     assert "Traceback" not in run.stderr
     assert not [p for p in small_disk.rglob("*") if ".tmp-" in p.name]
     assert CheckpointManager(str(small_disk)).newest_intact() == 2
+
+
+@pytest.mark.slow
+def test_damaged_shard_stops_training_with_one_line_naming_shard_and_row(librispeech_dir, tmp_path):
+    shards = tmp_path / "shards"
+    prepare(readers.librispeech(librispeech_dir), Store(str(shards)), log=lambda _line: None)
+    damaged = shards / "train-00000.parquet"
+    footer = int.from_bytes(damaged.read_bytes()[-8:-4], "little")
+    flip_bit(damaged, (damaged.stat().st_size - 8 - footer) // 2)
+    run = run_cli("--set", f"run.dir={tmp_path / 'run'}", "--set", f"data.uri={shards}", "--set",
+                  f"data.cache_dir={tmp_path / 'cache'}", "--set", "run.steps=2", timeout=120)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"vgim train: shard {shards}/train-00000\.parquet: row \d+ \(id '[\w-]+'\) does not match "
+                        "its checksum", last), run.stderr

@@ -1,5 +1,5 @@
-"""The method, checked against SPEC sections 1-3: shapes, parameter counts, InfoNCE, KL, the two-sample rule,
-gradient isolation."""
+"""The method, checked against docs/method.md (Modules, InfoNCE, KL): shapes, parameter counts, InfoNCE, KL,
+the two-sample rule, gradient isolation."""
 
 import math
 
@@ -53,7 +53,7 @@ def test_real_forward_matches_describe():
 
 
 def loop_info_nce(context, target, weight, K, N, window, gen):
-    """The SPEC 3 definition written out with plain loops, sharing only the RNG draw order."""
+    """The InfoNCE definition of docs/method.md written out with plain loops, sharing only the RNG draw order."""
     B, L, D = target.shape
     W = min(L, window)
     start = int(torch.randint(0, L - W + 1, (1,), generator=gen)) if L > W else 0
@@ -106,8 +106,8 @@ def test_zero_predictor_gives_ln11(variational):
 
 
 def test_initial_nce_magnitudes_match_published_code():
-    """SPEC 3: about 25.5 per V-GIM conv module, 9.3 for its GRU; 3.6 per GIM conv module, 2.85 for its GRU;
-    KL per frame about 0.13."""
+    """docs/method.md, Training semantics: about 25.5 per V-GIM conv module, 9.3 for its GRU; 3.6 per GIM conv
+    module, 2.85 for its GRU; KL per frame about 0.13."""
     expected = {True: [25.5, 25.5, 25.5, 9.3], False: [3.6, 3.6, 3.6, 2.85]}
     for variational, targets in expected.items():
         cfg = vgim(f"model.variational={str(variational).lower()}")

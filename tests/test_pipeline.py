@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,24 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 from safetensors.torch import load
-from outage import OutageProxy
-from test_train import FAST, assert_bitwise_equal
 
 from vgim_dist.config import load_config
 from vgim_dist.launch import train
+from vgim_dist.model import loss_terms
 from vgim_dist.train.checkpoint import CheckpointManager
+
+from helpers import FAST, assert_bitwise_equal, free_port
+from outage import OutageProxy
 
 BIN = Path(sys.executable).parent
 PIPELINE = [*FAST, "run.runner=pipeline", "checkpoint.every=10"]
-pytestmark = pytest.mark.timeout(300)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @dataclass
@@ -50,7 +46,7 @@ def ray_head(tmp_path_factory, s3_endpoint):
     """A one-node Ray cluster on 127.0.0.1 (`ray start --head --block`), stopped at the end of the session with
     every process it started. It inherits the S3 test credentials, so its workers can write s3:// runs."""
     temp = tmp_path_factory.mktemp("ray")
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     # Ray Train's controller collects reports, and so releases a checkpointing worker, once per health check
     # (2 s by default): poll faster so that checkpoints every few steps do not dominate these short runs.
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
@@ -60,7 +56,7 @@ def ray_head(tmp_path_factory, s3_endpoint):
     proc = subprocess.Popen(
         [BIN / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
          "--num-cpus=2", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard}"
@@ -134,9 +130,11 @@ def cli(head: Head, run_dir: Path, *args: str) -> list[str]:
     return [str(BIN / "vgim"), "train", "configs/smoke.yaml", *sets, "--address", head.address, *args]
 
 
-def test_two_stages_equal_the_reference(on_head, reference, tmp_path):
-    summary = train(load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path}", "run.steps=20",
-                                                       "pipeline.stages=[[0],[1,2,3]]", "tracking.enabled=true"]))
+def test_two_stages_equal_the_reference(on_head, reference, tmp_path, mlflow_server):
+    cfg = load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path}", "run.steps=20",
+                                             "pipeline.stages=[[0],[1,2,3]]", "tracking.enabled=true",
+                                             f"tracking.uri={mlflow_server}"])
+    summary = train(cfg)
     assert_bitwise_equal(stored_state(str(tmp_path)), reference(20))
     assert summary["steps"] == 20 and len(summary["stage_stats"]) == 2
     assert logged_steps(tmp_path) == list(range(2, 21, 2))
@@ -145,21 +143,25 @@ def test_two_stages_equal_the_reference(on_head, reference, tmp_path):
                 "stage.1.step_time_s", "windows_per_s"):
         assert key in row
     assert 0 < row["stage.0.in_flight"] <= 2
-    # MLflow: one parent, a child per stage, each with its own worker process's system metrics.
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    # Each stage's child run: its modules' losses, its own pace and waits (as docs/tracking.md lists them).
+    client = MlflowClient(mlflow_server)
+    for s, modules in enumerate([[0], [1, 2, 3]]):
+        run_id = json.loads((tmp_path / "mlflow.json").read_text())["stages"][s]["run_id"]
+        keys = {k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")}
+        own = {f"module.{i}.{t}" for i in modules for t in loss_terms(cfg.model, i)}
+        stats = {f"stage.{s}.{k}" for k in ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")}
+        assert keys == own | stats | {"step_time_s", "windows_per_s"}
+        assert [m.step for m in client.get_metric_history(run_id, "windows_per_s")] == list(range(2, 21, 2))
+    # One parent, a child per stage, each with its own worker process's system metrics.
     ids = json.loads((tmp_path / "mlflow.json").read_text())
-    runs = client.search_runs([ids["experiment_id"]])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert [r.info.run_name for r in parents] == ["smoke V-GIM s0 pipeline"]
-    stages = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id),
-                    key=lambda r: r.info.run_name)
-    assert [r.info.run_name for r in stages] == ["stage-0 (M0)", "stage-1 (M1-M3)"]
-    assert all(r.info.status == "FINISHED" for r in runs)
+    parent = client.get_run(ids["parent_run_id"])
+    assert parent.info.run_name == "smoke V-GIM s0 pipeline" and "mlflow.parentRunId" not in parent.data.tags
+    stages = client.search_runs([ids["experiment_id"]], f"tags.mlflow.parentRunId = '{ids['parent_run_id']}'")
+    assert sorted(r.info.run_name for r in stages) == ["stage-0 (M0)", "stage-1 (M1-M3)"]
+    assert all(r.info.status == "FINISHED" for r in [parent, *stages])
     for r in stages:
         assert {"system/process_cpu_percent", "system/process_rss_mb"} <= set(r.data.metrics), r.info.run_name
-    assert not any(k.startswith("system/") for k in parents[0].data.metrics)   # the driver does not train
+    assert not any(k.startswith("system/") for k in parent.data.metrics)   # the driver does not train
 
 
 def test_four_stages_on_s3_equal_the_reference(on_head, reference, s3_endpoint):
@@ -281,8 +283,12 @@ def test_truncated_checkpoint_in_the_recovery_path_falls_back_to_an_intact_step(
         time.sleep(0.05)
     victim = json.loads((tmp_path / "workers" / "stage-1.json").read_text())["pid"]
     os.kill(victim, signal.SIGSTOP)     # the pipeline halts: no newer step can commit
-    time.sleep(1)                       # a commit already past its barrier lands
-    newest = ckpt.steps()[-1]
+    steps, still = ckpt.steps(), time.monotonic()
+    while time.monotonic() - still < 3:  # a commit already past its barrier lands
+        if ckpt.steps() != steps:
+            steps, still = ckpt.steps(), time.monotonic()
+        time.sleep(0.1)
+    newest = steps[-1]
     damaged = Path(ckpt.step_dir(newest)) / "module-0.train.safetensors"
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     os.kill(victim, signal.SIGKILL)

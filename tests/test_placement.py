@@ -53,6 +53,7 @@ def _where(config: dict) -> None:
         {"node": ctx.get_node_id(), "fake_gpu": ctx.get_assigned_resources().get("fake_gpu", 0.0)}))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fractional_workers_share_one_device(tmp_path):
     """A one-"GPU" node runs a pipeline of 3 stage workers at once when each asks for a third of it."""
@@ -75,3 +76,43 @@ def test_fractional_workers_share_one_device(tmp_path):
     seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(stages)]
     assert len({w["node"] for w in seen}) == 1
     assert all(w["fake_gpu"] == pytest.approx(1 / stages, abs=1e-3) for w in seen)
+
+
+def _link(rank: int, port: int, channel: str, out: str) -> None:
+    """Rank 0 streams five batches to rank 1 over ``channel``; rank 1 writes what it received."""
+    from vgim_dist.pipeline.transport import Receiver, Sender
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    control = dist.new_group(backend="gloo")
+    batches = [torch.randn(3, 4, 5 + i, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    batches[2] = batches[2].to(torch.bfloat16)
+    if rank == 0:
+        sender = Sender(1, in_flight=2, control=control, channel=channel)
+        for i, x in enumerate(batches):
+            sender.send(x, torch.full((3,), float(i), dtype=torch.float64))
+            assert len(sender.outstanding) <= 2                     # the window bounds what is in flight
+        sender.close()
+    else:
+        got = list(Receiver(0, 3, torch.device("cpu"), control, channel))
+        torch.save(got, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("channel", [DEFAULT, STAGED])
+def test_both_channels_deliver_every_batch_bitwise_in_order(tmp_path, channel):
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "received.pt")
+    tmp.spawn(_link, args=(port, channel, out), nprocs=2, join=True)
+    got = torch.load(out)
+    expected = [torch.randn(3, 4, 5 + i, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    expected[2] = expected[2].to(torch.bfloat16)
+    assert len(got) == 5
+    for i, ((x, metrics), want) in enumerate(zip(got, expected)):
+        assert x.dtype == want.dtype and torch.equal(x, want)
+        assert torch.equal(metrics, torch.full((3,), float(i), dtype=torch.float64))

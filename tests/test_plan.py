@@ -17,7 +17,7 @@ from vgim_dist.config import ConfigError, load_config
 from vgim_dist.model import describe
 from vgim_dist.plan import CostModel, ModuleProfile, Profile, Timing, estimate, plan, rank, table
 from vgim_dist.plan.planner import replica_counts, splits
-from vgim_dist.plan.profile import cached_profile, profile_modules
+from vgim_dist.plan.profile import cached_profile
 
 BIN = Path(sys.executable).parent
 GiB = 2**30
@@ -159,6 +159,7 @@ def test_profile_measures_every_module_and_is_cached(tmp_path):
     assert len(list((tmp_path / "plan").glob("profile-*.json"))) == 2  # another batch shape, another profile
 
 
+@pytest.mark.slow
 def test_vgim_plan_command(tmp_path):
     out = subprocess.run([BIN / "vgim", "plan", "configs/smoke.yaml", "--workers", "3", "--json",
                           *[a for s in [*TINY, f"run.dir={tmp_path}", "run.threads=1"] for a in ("--set", s)]],
@@ -181,12 +182,23 @@ def test_auto_is_resolved_before_the_run(tmp_path):
     from vgim_dist.launch import train
 
     summary = train(load_config("configs/smoke.yaml", [*TINY, f"run.dir={tmp_path}", "run.steps=2",
-                                                       "pipeline.stages=auto", "run.threads=1"]))
+                                                       "pipeline.stages=auto", "run.threads=1",
+                                                       "tracking.enabled=true", "tracking.system_metrics=false"]))
     # the reference runner is one worker: one stage holding every module
     assert summary["stages"] == [[0, 1, 2, 3]] and summary["plan"]["workers"] == 1
     written = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert written["stages"][0]["modules"] == [0, 1, 2, 3] and written["profile_cost_s"] > 0
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["pipeline"]["stages"] == [[0, 1, 2, 3]]
+    # MLflow has it too: the parent run's summary.json artifact (embedded store under run.dir)
+    logged = [json.loads(p.read_text()) for p in (tmp_path / "mlartifacts").rglob("summary.json")]
+    assert logged and logged[0]["plan"]["stages"][0]["modules"] == [0, 1, 2, 3]
+
+
+def test_gpus_without_a_gpu_to_profile_on_is_a_clear_error(tmp_path):
+    out = subprocess.run([BIN / "vgim", "plan", "configs/smoke.yaml", "--gpus", "2", "--set", f"run.dir={tmp_path}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "run.device: cpu profiles the modules on cpu, but 2 GPUs" in out.stderr
+    assert not (tmp_path / "plan").exists()
 
 
 def test_auto_needs_a_plan_before_use():

@@ -22,16 +22,18 @@ from vgim_dist.config import load_config
 from vgim_dist.launch import train
 from vgim_dist.model import build_module, loss_terms
 from vgim_dist.tracking import StageLogger, StageRef, stage_metrics
-from vgim_dist.tracking.server import free_port, start_server, wait_ready
+from vgim_dist.tracking.server import start_server, wait_ready
 from vgim_dist.tracking.tracker import EXPERIMENT_KIND, RunTracker, flat_params
 from vgim_dist.train.checkpoint import CheckpointManager
 
-FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=2", "run.threads=1", "checkpoint.every=2"]
+from helpers import FAST, free_port
+
 MODEL = "vgim-test-encoder"
 
 
 def cfg_for(run_dir, *extra):
-    return load_config("configs/smoke.yaml", [*FAST, f"run.dir={run_dir}", "tracking.enabled=true", *extra])
+    return load_config("configs/smoke.yaml",
+                       [*FAST, "checkpoint.every=2", f"run.dir={run_dir}", "tracking.enabled=true", *extra])
 
 
 def get(url: str, endpoint: str, **params) -> dict:
@@ -71,6 +73,7 @@ def tracked(mlflow_server, tmp_path_factory):
     return cfg, summary, parent["run"]
 
 
+@pytest.mark.slow
 def test_parent_has_config_environment_and_artifacts(mlflow_server, tracked):
     cfg, summary, parent = tracked
     params = {p["key"]: p["value"] for p in parent["data"]["params"]}
@@ -84,14 +87,15 @@ def test_parent_has_config_environment_and_artifacts(mlflow_server, tracked):
     assert {"config.yaml", "summary.json", "curves"} <= files
     curves = get(mlflow_server, "artifacts/list", run_id=parent["info"]["run_id"], path="curves")["files"]
     assert sorted(f["path"] for f in curves) == [f"curves/module-{i}.png" for i in range(4)]
-    r = requests.get(f"{mlflow_server}/get-artifact", params={"path": "config.yaml", "run_uuid": parent["info"]["run_id"]},
-                     timeout=30)
+    r = requests.get(f"{mlflow_server}/get-artifact",
+                     params={"path": "config.yaml", "run_uuid": parent["info"]["run_id"]}, timeout=30)
     r.raise_for_status()
     assert r.text.startswith("seed: 0") and "channels: 32" in r.text
     metrics = {m["key"]: m for m in parent["data"]["metrics"]}
     assert metrics["module.3.nce"]["step"] == 4 and metrics["module.3.nce"]["value"] == summary["final"]["module.3.nce"]
 
 
+@pytest.mark.slow
 def test_one_child_per_stage_with_every_logged_step(mlflow_server, tracked):
     cfg, _, parent = tracked
     runs = children(mlflow_server, parent)
@@ -107,6 +111,7 @@ def test_one_child_per_stage_with_every_logged_step(mlflow_server, tracked):
             assert steps(mlflow_server, run_id, key) == [2, 4], key
 
 
+@pytest.mark.slow
 def test_registered_encoder_gives_the_checkpoint_features(mlflow_server, tracked):
     cfg, _, _ = tracked
     version = get(mlflow_server, "registered-models/alias", name=MODEL, alias="latest")["model_version"]
@@ -122,6 +127,7 @@ def test_registered_encoder_gives_the_checkpoint_features(mlflow_server, tracked
     torch.testing.assert_close(encoder(x), h)
 
 
+@pytest.mark.slow
 def test_resume_logs_into_the_same_runs_without_duplicate_steps_and_vgim_ui_shows_it(tmp_path):
     """Embedded store (tracking.uri ''), then served by `vgim ui`."""
     train(cfg_for(tmp_path, "run.steps=4"))
@@ -159,6 +165,7 @@ def test_resume_logs_into_the_same_runs_without_duplicate_steps_and_vgim_ui_show
         assert ui.wait(timeout=30) == 0
 
 
+@pytest.mark.slow
 def test_a_store_that_is_down_does_not_stop_training(tmp_path, caplog):
     down = f"http://127.0.0.1:{free_port()}"
     with caplog.at_level(logging.WARNING):
@@ -176,9 +183,11 @@ def test_a_store_that_is_down_does_not_stop_training(tmp_path, caplog):
                for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_rows_kept_through_an_outage_reach_the_run_once(mlflow_server, monkeypatch):
     client = mlflow.MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("test-tracking") or client.get_experiment(client.create_experiment("test-tracking"))
+    exp = (client.get_experiment_by_name("test-tracking")
+           or client.get_experiment(client.create_experiment("test-tracking")))
     run_id = client.create_run(exp.experiment_id).info.run_id
     send, calls = mlflow.MlflowClient.log_batch, []
 

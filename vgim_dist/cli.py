@@ -61,7 +61,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.address:
         check_ray_address(args.address)
     from vgim_dist.launch import train  # noqa: PLC0415
-    from vgim_dist.storage import StorageFault  # noqa: PLC0415
     from vgim_dist.train.loop import Interrupted  # noqa: PLC0415
 
     try:
@@ -69,9 +68,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"vgim train: {e}", file=sys.stderr)
         return 130
-    except StorageFault as e:
-        print(f"vgim train: {e}", file=sys.stderr)
-        return 1
     print(json.dumps({"run_dir": cfg.run.dir, "steps": summary["steps"]}))
     return 0
 

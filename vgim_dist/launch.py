@@ -95,10 +95,10 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
         torch.set_num_threads(cfg.run.threads)
     # A pipeline trains on its workers' devices (a cluster's head may have no GPU); the reference trains here.
     device = resolve_device(cfg.run.device) if cfg.run.runner == "reference" else cfg.run.device
+    rows = describe(cfg.model, cfg.data.crop)
     fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
     write_bytes(fs, f"{root}/config.yaml", dump_config(cfg).encode())
 
-    rows = describe(cfg.model, cfg.data.crop)
     log.info("device %s, %d threads, torch %s, python %s", device, torch.get_num_threads(), torch.__version__,
              platform.python_version())
     log.info("stages %s, batch %d x %d samples, %d steps", cfg.stage_modules(), cfg.data.batch_size,

@@ -58,8 +58,7 @@ def transient(e: BaseException) -> bool:
     if isinstance(e, (ConnectionError, TimeoutError)):
         return True
     try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError  # noqa: PLC0415
-        from botocore.exceptions import HTTPClientError  # noqa: PLC0415
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError  # noqa: PLC0415
     except ImportError:
         return False
     return isinstance(e, (BotoConnectionError, HTTPClientError))
@@ -81,14 +80,19 @@ def retrying(what: str, path: str, fn: Callable[..., T], *args) -> T:
             delay = min(2 * delay, 30.0)
 
 
+def shown(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` as a user would write it: with its ``s3://`` on an object store."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    return retrying("read", path, fs.cat_file, path)
+    return retrying("read", shown(fs, path), fs.cat_file, path)
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a file whole: to a temporary name then renamed on local disks, in one PUT on object stores,
     so that a reader never sees half a file. Retried while the store is unreachable."""
-    retrying("write", path, _write_once, fs, path, data)
+    retrying("write", shown(fs, path), _write_once, fs, path, data)
 
 
 def _write_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -28,7 +28,7 @@ def load_pcm16(path: Path) -> tuple[np.ndarray, list[str]]:
     try:
         # bytes: a file name that is not valid UTF-8 opens too
         x, sr = sf.read(os.fsencode(path), dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001 - libsndfile raises several types for corrupt files
+    except Exception as e:  # libsndfile raises several types for corrupt files
         raise BadAudio(f"unreadable: {e}") from e
     if x.shape[0] == 0:
         raise BadAudio("empty: no samples")

@@ -2,8 +2,8 @@
 
 On open, each shard of a split is read once (downloaded, for remote shards), verified against the checksum
 ``manifest.json`` records for it, unpacked into an uncompressed Arrow IPC file under the cache directory and
-memory-mapped; a damaged shard stops the read with an error naming the shard and the row. The audio column's data buffer is then
-one int16 array per shard, so a crop is a numpy slice plus an int16 -> float32 conversion.
+memory-mapped; a damaged shard stops the read with an error naming the shard and the row. The audio column's
+data buffer is then one int16 array per shard, so a crop is a numpy slice plus an int16 -> float32 conversion.
 """
 
 from __future__ import annotations

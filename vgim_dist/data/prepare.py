@@ -63,19 +63,22 @@ def prepare_shard(store: Store, name: str, chunk: list[Item], min_samples: int) 
     fp = _fingerprint(chunk, min_samples)
     data = store.read_bytes(name) if store.exists(name) else None
     record = footer_record(data) if data is not None else None
-    done = ""
+    damage = ""
     if record is not None and record.get("fingerprint") == fp:
         try:
             decode(f"{store.uri}/{name}", data, want=None)
             done = f"kept {name} (already complete, every row verified)"
         except CorruptShard as e:
-            done = f"rebuilt {name}: {e}"
-    if not done.startswith("kept"):
+            damage = f" (the existing one is damaged: {e})"
+            record = None
+    else:
+        record = None
+    if record is None:
         record = {"fingerprint": fp}
         data = _build(chunk, min_samples, record)
         store.write_bytes(name, data)
-        done = done or f"wrote {name}"
-        done += f": {record['utterances']} utterances, {len(record['skipped'])} skipped"
+        done = (f"{'rebuilt' if damage else 'wrote'} {name}: {record['utterances']} utterances, "
+                f"{len(record['skipped'])} skipped{damage}")
     entry = {"name": name, "utterances": record["utterances"], "samples": record["samples"], "fingerprint": fp,
              "bytes": len(data), "xxh3_64": checksum(data)}
     return record, entry, done

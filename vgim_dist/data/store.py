@@ -45,7 +45,7 @@ class Store:
             return fn(*args)
         except (FileNotFoundError, IsADirectoryError):
             raise
-        except Exception as e:  # noqa: BLE001 - any transport error becomes one clear message
+        except Exception as e:  # any transport error becomes one clear message
             raise StoreError(f"cannot {what} {self}: {type(e).__name__}: {e}") from e
 
     def check(self, create: bool = False) -> None:

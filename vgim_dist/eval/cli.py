@@ -88,8 +88,8 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--lr", type=float, default=0.0, help="default: 1e-3, phones 1e-4")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--standardize", action="store_true",
-                   help="z-score each feature channel with train-split statistics (by default probes see raw "
-                   "features, as in docs/method.md)")
+                   help="z-score each feature channel with train-split statistics (the method's protocol, "
+                   "docs/method.md, probes raw features)")
     p.add_argument("--train-split", default="train")
     p.set_defaults(func=_probe)
 

@@ -1,12 +1,12 @@
-"""Decoders (SPEC 6): from a frozen module's features back to the waveform.
+"""Decoders (docs/method.md "Evaluation"): from a frozen module's features back to the waveform.
 
 The decoder mirrors the encoder: one ConvTranspose1d for every length-changing op of modules 0..M (conv,
 max-pool, Gaussian head), in reverse order, ReLU between them and nothing after the last, so that its
 output is a free-ranging waveform. Transposed convolutions cannot know the few samples a strided conv
 dropped, so the output is cut or zero-padded to the input length.
 
-The encoder is frozen and stays in eval mode the whole time (SPEC 8.2: the published code put its
-BatchNorm back into train mode while training the decoder).
+The encoder is frozen and stays in eval mode the whole time (docs/method.md, published-code defect 2: the
+published code put its BatchNorm back into train mode while training the decoder).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Frozen features of a trained run: the encoder from ``config.yaml`` and a checkpoint, in eval mode, under
 no_grad, applied to every utterance of a split in a fixed order.
 
-SPEC 8.1-8.3: evaluation never runs in train mode (BatchNorm statistics stay those of training), never
-builds a graph through the encoder, and sees the whole split, unshuffled, with no batch dropped.
+docs/method.md, published-code defects 1-3: evaluation never runs in train mode (BatchNorm statistics stay
+those of training), never builds a graph through the encoder, and sees the whole split, unshuffled, with no
+batch dropped.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def load_run(run_dir: str, step: int | None = None) -> Run:
 
 
 def split_rule(uri: str, endpoint_url: str = "") -> str:
-    """How the shards at ``uri`` were split (SPEC 8.6: every result says which split it used)."""
+    """How the shards at ``uri`` were split (docs/method.md, published-code defect 6: every result says which
+    split it used)."""
     corpus = read_manifest(Store(uri, endpoint_url)).get("corpus", {})
     return f"{corpus.get('format', '?')}/{corpus.get('level', '-')}/{corpus.get('split_rule', '?')}"
 

@@ -1,4 +1,5 @@
-"""Linear probes on frozen features (SPEC 6): how much of a label a module's output makes linearly readable.
+"""Linear probes on frozen features (docs/method.md "Evaluation"): how much of a label a module's output
+makes linearly readable.
 
 One Linear layer on a module's output averaged over time (per frame for phones), cross-entropy, Adam,
 a fixed number of epochs over the train split, then accuracy on the whole test split in its fixed order.
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProbeSettings:
-    """SPEC 6 defaults; phones use lr 1e-4 unless set."""
+    """The defaults of docs/method.md "Evaluation"; phones use lr 1e-4 unless set."""
 
     epochs: int = 50
     lr: float = 1e-3

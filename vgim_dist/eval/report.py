@@ -119,7 +119,8 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-widt
 
 
 def _img(path: Path) -> str:
-    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
 
 
 def _audio(path: Path) -> str:
@@ -163,9 +164,11 @@ def _comparison_section(groups: dict[str, list[RunResults]], runs: list[RunResul
         parts.append(f"<h3>{html.escape(probe)}</h3><p class='note'>test accuracy, mean ± std over a group's runs "
                      f"of each run's mean over {first['repeats']} probe repeats; data {html.escape(first['data'])} "
                      f"(split {html.escape(first['split_rule'])}, {first['modules'][str(modules[0])]['n_test']} "
-                     f"test items, features: {first['features']}{scaled}); chance {chance:.3f}</p>" + _table(header, rows))
-        md += [f"### {probe}", "", f"data {first['data']} (split {first['split_rule']}), features {first['features']}{scaled}, "
-               f"chance {chance:.3f}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     f"test items, features: {first['features']}{scaled}); chance {chance:.3f}</p>"
+                     + _table(header, rows))
+        md += [f"### {probe}", "", f"data {first['data']} (split {first['split_rule']}), "
+               f"features {first['features']}{scaled}, chance {chance:.3f}", "",
+               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
         bars = {g: {m: v[:2] for m, v in row.items()} for g, row in table.items()}
         parts.append(_img(plots.accuracy_by_module(bars, plot_dir / f"{probe}-accuracy.png", probe, chance)))
@@ -228,7 +231,8 @@ def _run_section(r: RunResults, tsne: bool) -> str:
             parts.append("<p class='note'>Interpolation contribution: copy the top-n most different channels of "
                          f"z2 into z1, MSE of the decode against decode(z2) relative to n = 0, over "
                          f"{d['interpolation_pairs']} test pairs</p>"
-                         + _table(["n", *d["interpolation"]], [["score", *[f"{v:.3f}" for v in d["interpolation"].values()]]]))
+                         + _table(["n", *d["interpolation"]],
+                                  [["score", *[f"{v:.3f}" for v in d["interpolation"].values()]]]))
         pairs = [(e["id"], sf.read(base / e["original"], dtype="float32")[0],
                   sf.read(base / e["reconstruction"], dtype="float32")[0]) for e in d["examples"]]
         if pairs:

@@ -1,4 +1,4 @@
-"""InfoNCE between nearby frames (CPC / GIM definition, SPEC section 3) and the Gaussian KL term.
+"""InfoNCE between nearby frames (CPC / GIM definition, docs/method.md "InfoNCE") and the Gaussian KL term.
 
 Shapes: B batch, L frames, W window frames, K prediction steps, N negatives, D target dim, Dc context dim.
 """

@@ -165,8 +165,9 @@ def describe(model: ModelConfig, samples: int) -> list[dict]:
             m = GreedyModule(spec, out_channels(model, i - 1), model)
         rows.append({
             "module": i,
-            "layers": [f"conv k{l.kernel} s{l.stride} p{l.padding}" + (f" pool k{l.pool_kernel}" if l.pool_kernel else "")
-                       for l in spec.layers] + ([f"gru {spec.autoregressor}"] if spec.autoregressor else []),
+            "layers": [f"conv k{c.kernel} s{c.stride} p{c.padding}"
+                       + (f" pool k{c.pool_kernel}" if c.pool_kernel else "") for c in spec.layers]
+                      + ([f"gru {spec.autoregressor}"] if spec.autoregressor else []),
             "params": sum(p.numel() for p in m.parameters() if p.requires_grad),
             "channels": m.out_channels,
             "frames": frames,

@@ -24,22 +24,22 @@ import torch.distributed as dist
 
 from vgim_dist.config import Config
 from vgim_dist.data.source import build_source
-from vgim_dist.model import loss_terms
 from vgim_dist.parallel.data_parallel import ReplicaGroup, split_sizes
+from vgim_dist.pipeline.topology import Topology
 from vgim_dist.pipeline.transport import Receiver, Sender, device_identity, link_channel
 from vgim_dist.storage import StorageFault, open_dir, write_bytes
 from vgim_dist.tracking import StageLogger, StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
+from vgim_dist.train.loop import LoopPolicy, Pace
 from vgim_dist.train.metrics import MetricsLog, eta
-from vgim_dist.train.stage import Stage
+from vgim_dist.train.stage import Stage, metric_names
 
 STAGE_STATS = ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")
 
 
-def metric_names(cfg: Config, stage: int) -> list[str]:
-    """The metrics stage ``stage`` appends to the vector it forwards: its modules' losses, then its stats."""
-    losses = [f"module.{i}.{k}" for i in cfg.stage_modules()[stage] for k in loss_terms(cfg.model, i)]
-    return losses + [f"stage.{stage}.{k}" for k in STAGE_STATS]
+def forwarded_names(cfg: Config, stage: int) -> list[str]:
+    """The metrics stage ``stage`` appends to the vector it forwards: its `Stage`'s loss terms, then its stats."""
+    return metric_names(cfg.model, cfg.stage_modules()[stage]) + [f"stage.{stage}.{k}" for k in STAGE_STATS]
 
 
 class Batches:
@@ -122,101 +122,92 @@ class Gather:
         return sum(r.wait_s for r in self.receivers)
 
 
-class Window:
-    """Where a stage's time went since the last logged step."""
+class Waits:
+    """Where a stage's time went since the last logged step: waiting for input, for its consumer."""
 
     def __init__(self, inputs: Batches | Gather, output: Fanout | None):
         self.inputs, self.output = inputs, output
-        self.reset()
+        self.start = self._counters()
 
     def _counters(self) -> tuple[float, float, int]:
         out = self.output
         return self.inputs.wait_s, out.wait_s if out else 0.0, out.depth_sum if out else 0
 
-    def reset(self) -> None:
-        self.t0, self.steps, self.start = time.perf_counter(), 0, self._counters()
+    def take(self, pace: Pace) -> list[float]:
+        """The values of STAGE_STATS over ``pace``'s window; starts the next one."""
+        now = self._counters()
+        wait_in, wait_out, depth = (n - then for n, then in zip(now, self.start))
+        self.start = now
+        return [wait_in / pace.elapsed_s, wait_out / pace.elapsed_s, pace.step_time_s, depth / pace.steps]
 
-    def take(self) -> list[float]:
-        """The values of STAGE_STATS over the window; starts the next one."""
-        elapsed = time.perf_counter() - self.t0
-        wait_in, wait_out, depth = (now - then for now, then in zip(self._counters(), self.start))
-        stats = [wait_in / elapsed, wait_out / elapsed, elapsed / self.steps, depth / self.steps]
-        self.reset()
-        return stats
+
+def replica_groups(topo: Topology, devices: list[str]) -> tuple[ReplicaGroup | None, dist.ProcessGroup | None]:
+    """This worker's replica group (data, and gloo control) if its stage is replicated; ``devices``: each
+    rank's device identity. Every rank takes part in creating every group, in the same order; each keeps its
+    own stage's."""
+    replicas, replica_control = None, None
+    for t, n in enumerate(topo.replicas):
+        if n > 1:
+            ranks = topo.ranks(t)
+            shared = {devices[r] for r in ranks}
+            if len(shared) < n and any(d.startswith("cuda") for d in shared):
+                raise RuntimeError(f"pipeline.replicas: the {n} replicas of stage {t} share GPUs ({sorted(shared)}); "
+                                   "replicas need a device each (NCCL rejects two ranks on one device): lower "
+                                   "pipeline.gpus_per_stage's sharing or the replica count")
+            group, gloo = dist.new_group(ranks), dist.new_group(ranks, backend="gloo")
+            if t == topo.stage:
+                replicas, replica_control = ReplicaGroup(group, topo.replica, n), gloo
+    return replicas, replica_control
 
 
 class StageWorker:
-    """One worker: replica ``replica`` of stage ``stage``. World ranks run stage by stage, replicas adjacent."""
+    """One worker: replica ``topo.replica`` of stage ``topo.stage``."""
 
     def __init__(self, cfg: Config, stop: ray.ObjectRef, stage_refs: list[StageRef | None]):
-        ctx = ray.train.get_context()
-        self.cfg, self.rank = cfg, ctx.get_world_rank()
-        reps = cfg.stage_replicas()
-        first = [sum(reps[:s]) for s in range(len(reps))]            # world rank of each stage's replica 0
-        self.stage_index = max(s for s in range(len(reps)) if first[s] <= self.rank)
-        self.replica, self.last = self.rank - first[self.stage_index], len(reps) - 1
-        s = self.stage_index
+        self.cfg = cfg
+        self.topo = topo = Topology(tuple(cfg.stage_replicas()), ray.train.get_context().get_world_rank())
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = ray.train.torch.get_device()
         # Flow control, checkpoint barriers and the resume step travel on gloo whatever carries activations.
         self.control = dist.new_group(backend="gloo")
         # Which ranks share a device decides each link's channel (fractional GPUs put stages on one GPU).
-        self.devices: list[str] = [""] * dist.get_world_size()
+        self.devices: list[str] = [""] * topo.world
         dist.all_gather_object(self.devices, device_identity(self.device, ray.util.get_node_ip_address()),
                                group=self.control)
-        # Every rank takes part in creating every group, in the same order; each keeps its own stage's.
-        self.replicas, replica_control = None, None
-        for t, n in enumerate(reps):
-            if n > 1:
-                ranks = list(range(first[t], first[t] + n))
-                shared = {self.devices[r] for r in ranks}
-                if len(shared) < n and any(d.startswith("cuda") for d in shared):
-                    raise RuntimeError(f"pipeline.replicas: the {n} replicas of stage {t} share GPUs ({sorted(shared)}); "
-                                       "replicas need a device each (NCCL rejects two ranks on one device): lower "
-                                       "pipeline.gpus_per_stage's sharing or the replica count")
-                group, gloo = dist.new_group(ranks), dist.new_group(ranks, backend="gloo")
-                if t == s:
-                    self.replicas, replica_control = ReplicaGroup(group, self.replica, n), gloo
-        self.stage = Stage(cfg, s, self.device, self.replicas)
+        self.replicas, replica_control = replica_groups(topo, self.devices)
+        self.stage = Stage(cfg, topo.stage, self.device, self.replicas)
         self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
         self.start = self._restore()
         self._announce()
 
-        upstream = sum(len(metric_names(cfg, t)) for t in range(s))
-        if s == 0:
+        if topo.stage == 0:
             self.inputs = Batches(cfg, self.start, stop, self.device, self.replicas, replica_control)
         else:
-            peers = self._peers(first[s - 1], reps[s - 1], reps[s])
-            self.inputs = Gather([Receiver(p, upstream, self.device, self.control, self._channel(p)) for p in peers])
+            upstream = sum(len(forwarded_names(cfg, t)) for t in range(topo.stage))
+            self.inputs = Gather([Receiver(p, upstream, self.device, self.control, self._channel(p))
+                                  for p in topo.upstream])
         self.output = None
-        if s < self.last:
-            peers = self._peers(first[s + 1], reps[s + 1], reps[s])
-            self.output = Fanout([Sender(p, cfg.pipeline.in_flight, self.control, self._channel(p)) for p in peers])
-        self.own = metric_names(cfg, s)
+        if topo.downstream:
+            self.output = Fanout([Sender(p, cfg.pipeline.in_flight, self.control, self._channel(p))
+                                  for p in topo.downstream])
+        self.own = forwarded_names(cfg, topo.stage)
         # Replica 0 speaks for its stage: MLflow run, metrics rows.
-        self.tracking = StageLogger(stage_refs[s] if self.replica == 0 else None)
+        self.tracking = StageLogger(stage_refs[topo.stage] if topo.replica == 0 else None)
         self.metrics = None
-        if s == self.last and self.replica == 0:  # it sees every stage's numbers for a step last: it logs rows
-            self.names = [n for t in range(s + 1) for n in metric_names(cfg, t)]
+        if topo.is_last and topo.replica == 0:  # it sees every stage's numbers for a step last: it logs rows
+            self.names = [n for t in range(topo.stages) for n in forwarded_names(cfg, t)]
             self.metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
             self.metrics.resume(self.start)
 
     def _channel(self, peer: int) -> str:
-        return link_channel(self.devices[self.rank], self.devices[peer])
-
-    def _peers(self, neighbour_first: int, neighbour_replicas: int, own_replicas: int) -> list[int]:
-        """World ranks of the neighbour stage this worker exchanges with: its replica twin when both sides have
-        equal counts, else every replica of the replicated side (the other side has one worker)."""
-        if neighbour_replicas == own_replicas:
-            return [neighbour_first + self.replica]
-        return list(range(neighbour_first, neighbour_first + neighbour_replicas))
+        return link_channel(self.devices[self.topo.rank], self.devices[peer])
 
     def _restore(self) -> int:
         """Load the newest intact committed checkpoint, as rank 0 sees it, so that every rank starts from the
         same step: the driver's resume step on a first attempt, the last commit on a restart after a failure
         (or the one before it, when a file of the last is damaged)."""
-        step = torch.tensor([(self.checkpoints.newest_intact() or 0) if self.rank == 0 else 0])
+        step = torch.tensor([(self.checkpoints.newest_intact() or 0) if self.topo.rank == 0 else 0])
         dist.broadcast(step, src=0, group=self.control)
         start = int(step)
         if start:
@@ -226,52 +217,45 @@ class StageWorker:
     def _announce(self) -> None:
         """``<run.dir>/workers/stage-<s>.json``: where each stage runs (pid, node), for operators and tests."""
         fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
-        info = {"stage": self.stage_index, "replica": self.replica, "modules": self.stage.module_ids,
-                "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": str(self.device),
-                "start": self.start}
-        name = f"stage-{self.stage_index}" + (f"-replica-{self.replica}" if self.replica else "")
+        stage, replica = self.topo.stage, self.topo.replica
+        info = {"stage": stage, "replica": replica, "modules": self.stage.module_ids, "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address(), "device": str(self.device), "start": self.start}
+        name = f"stage-{stage}" + (f"-replica-{replica}" if replica else "")
         write_bytes(fs, f"{root}/workers/{name}.json", json.dumps(info).encode())
 
     def run(self) -> None:
-        cfg, every = self.cfg, self.cfg.checkpoint.every
-        step = last_saved = self.start
-        window = Window(self.inputs, self.output)
-        self.clock = (time.monotonic(), self.start)
+        policy = LoopPolicy(self.cfg, self.start, self._checkpoint)
+        waits = Waits(self.inputs, self.output)
         unlogged = torch.zeros(len(STAGE_STATS), dtype=torch.float64, device=self.device)
-        for x, upstream in self.inputs:
-            x, losses = self.stage.train_step(x)
-            step = self.stage.step
-            window.steps += 1
-            logged = step % cfg.run.log_every == 0 or step == cfg.run.steps
-            # A host-to-device copy waits for the GPU: only on logged steps.
-            stats = torch.tensor(window.take(), dtype=torch.float64, device=self.device) if logged else unlogged
-            mine = torch.cat([torch.stack([losses[n] for n in self.own[:-len(STAGE_STATS)]]).double(), stats])
-            vector = torch.cat([upstream, mine])
-            if self.output:
-                self.output.send(x, vector)
-            elif logged and self.metrics:
-                self._log(step, vector)
-            if logged and self.replica == 0 and self.stage_index != self.last:
-                # Each stage's own pace (it may run up to pipeline.in_flight steps ahead of the next one).
-                print(f"stage {self.stage_index} step {step}/{cfg.run.steps} | "
-                      f"{eta(time.monotonic(), step, self.clock, cfg.run.steps)}", file=sys.stderr, flush=True)
-            if logged and self.tracking.ref:
-                self.tracking.log(step, dict(zip(self.own, mine.tolist())))
-            if every and step % every == 0:
-                self._checkpoint(step)
-                last_saved = step
-        if self.output:
-            self.output.close()
-        if step != last_saved or step == 0:
-            self._checkpoint(step)
-        self.tracking.close()
-
-    def _log(self, step: int, vector: torch.Tensor) -> None:
-        row = dict(zip(self.names, vector.tolist()))
-        step_time = row[f"stage.{self.stage_index}.step_time_s"]  # the pipeline's pace is the last stage's
-        row["windows_per_s"] = self.cfg.data.batch_size / step_time
-        row["step_time_s"] = step_time
-        self.metrics.record(step, row, prefix=f"stage {self.stage_index} " if self.last else "")
+        step = self.start
+        clock = (time.monotonic(), self.start)     # elapsed and ETA of this stage's progress line
+        try:
+            for x, upstream in self.inputs:
+                x, losses = self.stage.train_step(x)
+                step = self.stage.step
+                policy.tick()
+                pace = policy.pace() if policy.should_log(step) else None
+                # A host-to-device copy waits for the GPU: only on logged steps.
+                stats = torch.tensor(waits.take(pace), dtype=torch.float64, device=self.device) if pace else unlogged
+                mine = torch.cat([torch.stack([losses[n] for n in self.stage.metric_names]).double(), stats])
+                vector = torch.cat([upstream, mine])
+                if self.output:
+                    self.output.send(x, vector)
+                elif pace and self.metrics:  # the last stage's pace is the pipeline's
+                    self.metrics.record(step, {**dict(zip(self.names, vector.tolist())), **pace.metrics()},
+                                        prefix=f"stage {self.stage_index} " if self.last else "")
+                if pace and self.replica == 0 and self.stage_index != self.last:
+                    # Each stage's own pace (it may run up to pipeline.in_flight steps ahead of the next).
+                    print(f"stage {self.stage_index} step {step}/{self.cfg.run.steps} | "
+                          f"{eta(time.monotonic(), step, clock, self.cfg.run.steps)}", file=sys.stderr, flush=True)
+                if pace and self.tracking.ref:  # the stage's own pace, as the reference logs the job's
+                    self.tracking.log(step, {**dict(zip(self.own, mine.tolist())), **pace.metrics()})
+                policy.checkpoint(step)
+            if self.output:  # the consumer leaves its loop, and so reaches the final checkpoint's barrier
+                self.output.close()
+            policy.checkpoint(step, last_step=True)
+        finally:
+            self.tracking.close()
 
     def _checkpoint(self, step: int) -> None:
         written = self.checkpoints.save_stage(self.stage, step)
@@ -279,7 +263,7 @@ class StageWorker:
             self.metrics.flush()
         every = [None] * dist.get_world_size(self.control)
         dist.all_gather_object(every, written, group=self.control)    # every stage has written `step`
-        if self.rank != 0:
+        if self.topo.rank != 0:
             return
         modules = [i for s in self.cfg.stage_modules() for i in s]
         partitions = None

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from vgim_dist.config import Config
+from vgim_dist.config import Config, ConfigError
 from vgim_dist.plan.planner import Plan, rank, table
 from vgim_dist.plan.profile import cached_profile, host_cores
 from vgim_dist.storage import open_dir, write_bytes
@@ -33,6 +33,9 @@ def plan_config(cfg: Config, workers: int = 0, gpus: int | None = None, refresh:
     Parts of the layout that ``cfg`` fixes (stages, replicas, threads) stay as given."""
     device = resolve_device(cfg.run.device)         # profiled where the plan is made
     gpus = (torch.cuda.device_count() if device.type == "cuda" else 0) if gpus is None else gpus
+    if gpus and device.type != "cuda":
+        raise ConfigError(f"run.device: {cfg.run.device} profiles the modules on {device}, but {gpus} GPUs were "
+                          "asked for; plan on a machine with the GPU, with run.device cuda or auto")
     if cfg.run.runner == "reference":
         workers = 1
     workers = workers or cfg.pipeline.workers or default_workers(gpus)

@@ -196,8 +196,8 @@ class RunTracker:
             if run_id:
                 c.update_run(run_id, status="RUNNING")
             else:
-                run_id = c.create_run(exp_id, run_name=names[1][s], tags={
-                    "mlflow.parentRunId": parent, "vgim.stage": str(s), "vgim.modules": json.dumps(modules)}).info.run_id
+                stage_tags = {"mlflow.parentRunId": parent, "vgim.stage": str(s), "vgim.modules": json.dumps(modules)}
+                run_id = c.create_run(exp_id, run_name=names[1][s], tags=stage_tags).info.run_id
             stage_ids.append(run_id)
         write_bytes(fs, ids_file, json.dumps({
             "tracking_uri": redact(uri), "experiment_id": exp_id, "parent_run_id": parent,

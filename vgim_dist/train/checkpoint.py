@@ -20,11 +20,10 @@ import logging
 import re
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from vgim_dist.parallel.deepspeed_engine import load_zero_partition_state, zero_partition_state
-from vgim_dist.storage import StorageFault, checksum, open_dir, read_bytes, retrying, write_bytes
+from vgim_dist.storage import StorageFault, checksum, open_dir, read_bytes, retrying, shown, write_bytes
 from vgim_dist.train.stage import Stage
 
 _STEP_DIR = re.compile(r"step-(\d+)$")
@@ -70,7 +69,8 @@ class CheckpointManager:
         d = self.step_dir(step)
         names = [f"module-{i}{kind}.safetensors" for i in modules for kind in ("", ".train")]
         names += [f"module-{i}.zero-{r}.safetensors" for i, n in (partitions or {}).items() for r in range(n)]
-        stored = {p["name"].rsplit("/", 1)[1]: p["size"] for p in retrying("list", d, self.fs.ls, d, True)}
+        listing = retrying("list", shown(self.fs, d), self.fs.ls, d, True)
+        stored = {p["name"].rsplit("/", 1)[1]: p["size"] for p in listing}
         bad = [n for n in names if n not in files or stored.get(n) != files[n]["bytes"]]
         if bad:
             raise RuntimeError(f"checkpoint step {step} incomplete: {bad} missing or short under {d}")
@@ -79,11 +79,11 @@ class CheckpointManager:
             indent=1).encode())
         if self.keep:
             for old in self.steps()[: -self.keep]:
-                retrying("delete", self.step_dir(old), self.fs.rm, self.step_dir(old), True)
+                retrying("delete", shown(self.fs, self.step_dir(old)), self.fs.rm, self.step_dir(old), True)
 
     def steps(self) -> list[int]:
         """Complete checkpoints, oldest first."""
-        return retrying("list", self.root, self._steps)
+        return retrying("list", shown(self.fs, self.root), self._steps)
 
     def _steps(self) -> list[int]:
         if not self.fs.exists(self.root):
@@ -123,19 +123,20 @@ class CheckpointManager:
         """A file of committed step ``step``, verified against the size and checksum its marker records."""
         path = f"{self.step_dir(step)}/{name}"
         want = self._marker(step).get("files")
+        where = shown(self.fs, path)
         if want is None:  # committed before checkpoints carried checksums
-            log.warning("%s: checkpoint step %d records no checksums; loaded unverified", path, step)
+            log.warning("%s: checkpoint step %d records no checksums; loaded unverified", where, step)
             return read_bytes(self.fs, path)
         if name not in want:
-            raise CorruptCheckpoint(f"{path}: not recorded in its {MARKER}")
+            raise CorruptCheckpoint(f"{where}: not recorded in its {MARKER}")
         try:
             data = read_bytes(self.fs, path)
         except FileNotFoundError:
-            raise CorruptCheckpoint(f"{path}: missing from a committed checkpoint") from None
+            raise CorruptCheckpoint(f"{where}: missing from a committed checkpoint") from None
         if len(data) != want[name]["bytes"]:
-            raise CorruptCheckpoint(f"{path}: {len(data)} bytes, committed with {want[name]['bytes']} (truncated?)")
+            raise CorruptCheckpoint(f"{where}: {len(data)} bytes, committed with {want[name]['bytes']} (truncated?)")
         if checksum(data) != want[name]["xxh3_64"]:
-            raise CorruptCheckpoint(f"{path}: checksum mismatch (xxh3-64 {checksum(data)}, committed with "
+            raise CorruptCheckpoint(f"{where}: checksum mismatch (xxh3-64 {checksum(data)}, committed with "
                                     f"{want[name]['xxh3_64']})")
         return data
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 
 import torch
 import torch.distributed
@@ -14,7 +13,7 @@ from vgim_dist.config import Config
 from vgim_dist.data.source import BatchSource, build_source
 from vgim_dist.tracking.logger import StageLogger, stage_metrics
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.loop import Interrupted
+from vgim_dist.train.loop import Interrupted, LoopPolicy
 from vgim_dist.train.metrics import MetricsLog
 from vgim_dist.train.stage import Stage
 
@@ -60,33 +59,25 @@ class ReferenceRunner:
 
     def run(self, start: int = 0) -> dict:
         """Train from checkpoint ``start`` (0: fresh) to ``run.steps``."""
-        cfg = self.cfg
         self.restore(start)
+        policy = LoopPolicy(self.cfg, start, self.save)
         previous = signal.signal(signal.SIGINT, self._on_sigint)
-        step, every, last_saved = start, cfg.checkpoint.every, start
-        window_t, window_steps = time.perf_counter(), 0
+        step = start
         try:
-            while step < cfg.run.steps and not self._stop:
+            while step < self.cfg.run.steps and not self._stop:
                 x = self.source.batch(step)
                 values: dict = {}
                 for stage in self.stages:
                     x, m = stage.train_step(x)
                     values.update(m)
                 step += 1
-                window_steps += 1
-                if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-                    elapsed = time.perf_counter() - window_t
-                    values["windows_per_s"] = window_steps * cfg.data.batch_size / elapsed
-                    values["step_time_s"] = elapsed / window_steps
-                    row = self.metrics.record(step, values)
+                policy.tick()
+                if policy.should_log(step):
+                    row = self.metrics.record(step, {**values, **policy.pace().metrics()})
                     for stage, logger in zip(self.stages, self.loggers):
                         logger.log(step, stage_metrics(row, stage.module_ids))
-                    window_t, window_steps = time.perf_counter(), 0
-                if every and step % every == 0:
-                    self.save(step)
-                    last_saved = step
-            if step != last_saved or step == 0:
-                self.save(step)
+                policy.checkpoint(step)
+            policy.checkpoint(step, last_step=True)
         finally:
             signal.signal(signal.SIGINT, previous)
             self.source.close()
@@ -94,7 +85,7 @@ class ReferenceRunner:
                 logger.close()
             if self._own_group:
                 torch.distributed.destroy_process_group()
-        if self._stop and step < cfg.run.steps:
+        if self._stop and step < self.cfg.run.steps:
             raise Interrupted(f"stopped at step {step}; checkpoint saved, continue with --resume")
         return {"steps": step, "final": self.metrics.rows[-1] if self.metrics.rows else {}}
 

@@ -10,11 +10,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vgim_dist.config import Config
+from vgim_dist.config import Config, ModelConfig
 from vgim_dist.errors import UserError
 from vgim_dist.model import build_module, loss_terms
 from vgim_dist.parallel.data_parallel import GroupBatchNorm1d, ReplicaGroup
 from vgim_dist.seeding import derive_seed
+
+def metric_names(model: ModelConfig, module_ids: list[int]) -> list[str]:
+    """What `Stage.train_step` returns for modules ``module_ids``, in order: each module's loss terms (its
+    KL only where it is not 0 by construction)."""
+    return [f"module.{i}.{t}" for i in module_ids for t in loss_terms(model, i)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,6 +42,7 @@ class Stage:
     index: int
     replicas: ReplicaGroup | None   # data-parallel group of this stage, if replicated
     module_ids: list[int]
+    metric_names: list[str]         # the keys of train_step's metrics, in order
     modules: nn.ModuleList          # GreedyModule per id
     optimizers: list[torch.optim.Adam]
     engines: list | None            # DeepSpeed engine per module (stage.engine: deepspeed)
@@ -48,7 +54,7 @@ class Stage:
                  replicas: ReplicaGroup | None = None):
         self.cfg, self.index, self.replicas = cfg, index, replicas
         self.module_ids = cfg.stage_modules()[index]
-        self.terms = [loss_terms(cfg.model, i) for i in self.module_ids]   # no KL where it is 0 by construction
+        self.metric_names = metric_names(cfg.model, self.module_ids)
         self.device = torch.device(device)
         self.modules = nn.ModuleList([build_module(cfg.model, i, cfg.seed) for i in self.module_ids]).to(self.device)
         if replicas is not None:
@@ -94,15 +100,13 @@ class Stage:
                 self._deepspeed_update(self.engines[pos], out.loss, lr)
             else:
                 self._torch_update(module, self.optimizers[pos], out.loss, lr)
-            for term in self.terms[pos]:
-                metrics[f"module.{i}.{term}"] = getattr(out, term).detach()
+            metrics.update({f"module.{i}.{t}": getattr(out, t).detach() for t in loss_terms(self.cfg.model, i)})
             x = out.output
         self.step += 1
         if self.replicas is not None:  # each replica holds its share of every loss term: report the sums
-            names = list(metrics)
-            total = torch.stack([metrics[n] for n in names])
+            total = torch.stack([metrics[n] for n in self.metric_names])
             dist.all_reduce(total, group=self.replicas.group)
-            metrics = dict(zip(names, total.unbind()))
+            metrics = dict(zip(self.metric_names, total.unbind()))
         return x, metrics
 
     def _torch_update(self, module: nn.Module, opt: torch.optim.Adam, loss: torch.Tensor, lr: float) -> None:
@@ -123,24 +127,6 @@ class Stage:
         # whose gradient is the SUM of the shares' gradients.
         engine.backward(loss * (self.replicas.world if self.replicas else 1))
         engine.step()
-
-    @torch.no_grad()
-    def eval_step(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss terms on a held-out batch: eval mode (BatchNorm statistics untouched), no_grad, and its own
-        generator per batch so that evaluation never shifts the training RNG streams."""
-        x = x.to(self.device)
-        metrics = {}
-        for pos, (i, module) in enumerate(zip(self.module_ids, self.modules)):
-            module.eval()
-            gen = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, "eval", i, batch))
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                out = module(x, gen)
-            metrics.update({f"module.{i}.{term}": getattr(out, term) for term in self.terms[pos]})
-            x = out.output
-        return x, metrics
-
-    def parameters(self) -> int:
-        return sum(p.numel() for p in self.modules.parameters() if p.requires_grad)
 
     # ----------------------------------------------------------------------------------- state
 
