@@ -268,7 +268,6 @@ def test_a_hung_store_never_slows_training(tmp_path, monkeypatch, caplog):
     # 2-core machine they are 0.5-2 s apart).
     times = [seen[k] for k in sorted(seen)]
     assert max(b - a for a, b in zip(times, times[1:])) < 6.0, seen
-    assert any("cannot reach" in r.message and "training goes on" in r.message for r in caplog.records)
     for stage in ids["stages"]:      # delayed, not lost: every logged step, once
         assert logged[stage["run_id"]] == list(range(2, steps_total + 1, 2))
 
