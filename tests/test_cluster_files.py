@@ -127,8 +127,50 @@ def test_rayjob_entrypoint_names_a_real_config_and_valid_overrides():
     assert len(cfg.stage_modules()) == job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]
 
 
+def test_rayjob_runs_the_documented_submit_command():
+    """docs/cluster.md's `cluster/submit.sh` command against a KubeRay head and the RayJob run the same
+    `vgim train` (KubeRay's submitter passes the entrypoint to `ray job submit`)."""
+    job = next(d for d in kuberay_docs().values() if d["kind"] == "RayJob")
+    lines = [line for line in (ROOT / "docs/cluster.md").read_text().splitlines()
+             if "cluster/submit.sh --" in line and "RAY_ADDRESS=http://127.0.0.1:8265" in line]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0])
+    documented = argv[argv.index("--") + 1:]
+    assert ["vgim", "train", *documented] == shlex.split(job["spec"]["entrypoint"])
+    assert (ROOT / documented[0]).exists()
+    load_config(ROOT / documented[0], [documented[i + 1] for i, a in enumerate(documented) if a == "--set"])
+
+
 @pytest.mark.parametrize("name,stages", [("vgim-4gpu", [[0], [1], [2], [3]]), ("vgim-2gpu", [[0], [1, 2, 3]])])
 def test_gpu_configs(name, stages):
     cfg = load_config(ROOT / f"configs/{name}.yaml")
     assert cfg.stage_modules() == stages
     assert cfg.run.precision == "bf16" and cfg.run.device == "cuda" and cfg.run.runner == "pipeline"
+
+
+def test_kuberay_dashboard_host_and_credentials():
+    docs = {d["kind"]: d for d in kuberay_docs().values()}
+    interactive, job = docs["RayCluster"]["spec"], docs["RayJob"]["spec"]["rayClusterSpec"]
+    # Set explicitly: loopback where kubectl port-forward reaches it, the pod's address where KubeRay's job
+    # submitter must (token authentication on).
+    assert interactive["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert job["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    for kind, spec in (("RayCluster", interactive), ("RayJob", job)):
+        for c in [*spec["headGroupSpec"]["template"]["spec"]["containers"],
+                  *[c for w in spec["workerGroupSpecs"] for c in w["template"]["spec"]["containers"]]]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            aws = {k: e for k, e in env.items() if k.startswith("AWS_")}
+            # Only the job, which reads and writes s3://, gets credentials; always from a Secret.
+            assert bool(aws) == (kind == "RayJob"), (kind, c["name"])
+            assert all("value" not in e and "secretKeyRef" in e["valueFrom"] for e in aws.values())
+    launcher = " ".join(yaml.safe_load((ROOT / "cluster/ray-cluster.yaml").read_text())["docker"]["run_options"])
+    assert "AWS_SECRET" not in launcher and "AWS_ACCESS_KEY" not in launcher
+
+
+def test_docs_start_no_tracking_server_open_to_all():
+    # A command continued over several lines is read as one.
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for command in doc.read_text().replace("\\\n", " ").splitlines():
+            if "mlflow server" in command and re.search(r"--host[ =](0\.0\.0\.0|::)\b", command):
+                assert "--app-name basic-auth" in command, f"{doc.name}: {command.strip()}"

@@ -49,6 +49,8 @@ def test_yaml_exponent_without_dot_is_a_float():
     ("optim.lr=fast", r"optim.lr: expected a number, got 'fast'"),
     ("pipeline.stages=[[0], [2, 3]]", r"pipeline.stages: \[\[0\], \[2, 3\]\] must split modules 0..3"),
     ("model.modules.9.autoregressor=3", r"model.modules.9 is not an index of a list of 4"),
+    ("pipeline.in_flight=1000", r"pipeline.in_flight: expected int in \[1, 16\], got 1000"),
+    ("run.deterministic=maybe", r"run.deterministic: expected true or false, got 'maybe'"),
     ("run.steps", r"expected KEY=VALUE"),
 ])
 def test_bad_keys_and_values_name_the_key(override, message):

@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -231,3 +236,49 @@ def test_damaged_shard_is_rebuilt_by_a_prepare_rerun_and_found_by_verify(librisp
     assert m == prepare(corpus, Store(str(clean)), shard_size=4, log=_quiet)
     assert _rows(str(out)) == _rows(str(clean))
     assert vgim_main(["data", "verify", str(out)]) == 0
+
+
+def _descendants_running(pid: int, title: str) -> list[int]:
+    import psutil
+
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith(title):
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_parallel_prepare_survives_a_worker_killed_mid_shard(tmp_path):
+    # Long 44.1 kHz stereo clips: each shard (one file) takes a second or more to decode and resample.
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        sf.write(src / f"clip{i}.wav", rng.standard_normal((44100 * 40, 2)).astype("float32") * 0.1, 44100,
+                 subtype="PCM_16")
+    (src / "broken.wav").write_bytes(b"RIFF junk")
+    corpus = readers.folder(src)
+    corpus.info["source"] = str(src)    # as the command line records it
+    serial = prepare(corpus, Store(str(tmp_path / "serial")), shard_size=1, log=_quiet)
+
+    out = tmp_path / "parallel"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "vgim"), "data", "prepare", str(src), "--format",
+                             "folder", "--out", str(out), "--shard-size", "1", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (busy := _descendants_running(proc.pid, "ray::prepare_shard")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    os.kill(busy[0], signal.SIGKILL)     # a Ray worker in the middle of building a shard
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "[5/5 shards" in stderr + stdout     # progress across the workers
+    assert json.loads((out / "manifest.json").read_text()) == serial
+    train = [(t.id, t.audio.tobytes()) for t in iter_utterances(str(out), "train", cache_dir=str(tmp_path / "c"))]
+    assert len(train) == 4 and train == [(t.id, t.audio.tobytes()) for t in iter_utterances(
+        str(tmp_path / "serial"), "train", cache_dir=str(tmp_path / "c2"))]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "serial").iterdir())

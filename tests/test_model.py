@@ -93,6 +93,22 @@ def test_info_nce_matches_loop_definition(L, window):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_info_nce_gradient_is_repeatable_on_two_threads():
+    # Rows of the negative pool are drawn many times over; their gradients must add up in a fixed order.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        B, L, D, K, N = 8, 256, 32, 10, 10
+        target = torch.randn(B, L, D, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        predictor = torch.nn.Linear(D, D * K, bias=False)
+        grads = [torch.autograd.grad(info_nce(target, target, predictor, steps=K, negatives=N, window=128,
+                                              generator=torch.Generator().manual_seed(1)), target)[0]
+                 for _ in range(5)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 @pytest.mark.parametrize("variational", [True, False])
 def test_zero_predictor_gives_ln11(variational):
     cfg = vgim(f"model.variational={str(variational).lower()}")

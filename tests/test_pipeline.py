@@ -24,6 +24,8 @@ from safetensors.torch import load
 from vgim_dist.config import load_config
 from vgim_dist.launch import train
 from vgim_dist.model import loss_terms
+from vgim_dist.pipeline.runner import PipelineRunner
+from vgim_dist.storage import StorageFault
 from vgim_dist.train.checkpoint import CheckpointManager
 
 from helpers import FAST, assert_bitwise_equal, free_port
@@ -104,11 +106,12 @@ def on_head(ray_head, monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Reference-runner checkpoints of the smoke config, keyed by steps."""
-    def run(steps: int) -> dict[str, torch.Tensor]:
-        run_dir = tmp_path_factory.getbasetemp() / f"reference-{steps}"
+    """Reference-runner checkpoints of the smoke config, keyed by steps and thread count."""
+    def run(steps: int, threads: int = 1) -> dict[str, torch.Tensor]:
+        run_dir = tmp_path_factory.getbasetemp() / f"reference-{steps}-{threads}"
         if not run_dir.exists():
-            train(load_config("configs/smoke.yaml", [*FAST, f"run.dir={run_dir}", f"run.steps={steps}"]))
+            train(load_config("configs/smoke.yaml", [*FAST, f"run.dir={run_dir}", f"run.steps={steps}",
+                                                     f"run.threads={threads}"]))
         return stored_state(str(run_dir))
     return run
 
@@ -136,6 +139,8 @@ def test_two_stages_equal_the_reference(on_head, reference, tmp_path, mlflow_ser
                                              f"tracking.uri={mlflow_server}"])
     summary = train(cfg)
     assert_bitwise_equal(stored_state(str(tmp_path)), reference(20))
+    assert summary["threads"] == 1
+    assert [json.loads(f.read_text())["threads"] for f in sorted((tmp_path / "workers").iterdir())] == [1, 1]
     assert summary["steps"] == 20 and len(summary["stage_stats"]) == 2
     assert logged_steps(tmp_path) == list(range(2, 21, 2))
     row = json.loads((tmp_path / "summary.json").read_text())["final"]
@@ -162,6 +167,23 @@ def test_two_stages_equal_the_reference(on_head, reference, tmp_path, mlflow_ser
     for r in stages:
         assert {"system/process_cpu_percent", "system/process_rss_mb"} <= set(r.data.metrics), r.info.run_name
     assert not any(k.startswith("system/") for k in parent.data.metrics)   # the driver does not train
+
+
+@pytest.mark.timeout(600)      # four threads on two cores
+def test_two_threads_per_stage_equal_the_reference_at_two_threads(on_head, reference, tmp_path):
+    # The condition for equality: every stage uses the reference's thread count.
+    train(load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path}", "run.steps=4", "run.threads=2",
+                                             "pipeline.stages=[[0],[1,2,3]]"]))
+    assert [json.loads(f.read_text())["threads"] for f in sorted((tmp_path / "workers").iterdir())] == [2, 2]
+    assert_bitwise_equal(stored_state(str(tmp_path)), reference(4, threads=2))
+
+
+def test_worker_that_cannot_see_run_dir_fails_at_once_naming_it(on_head, tmp_path):
+    # What a worker on a node without the driver's local run.dir sees: no run directory prepared there.
+    cfg = load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path / 'elsewhere'}", "run.steps=4"])
+    with pytest.raises(StorageFault, match=rf"run.dir {tmp_path / 'elsewhere'}: not visible from this worker"):
+        PipelineRunner(cfg).run()
+    assert not (tmp_path / "elsewhere" / "checkpoints").exists()
 
 
 def test_four_stages_on_s3_equal_the_reference(on_head, reference, s3_endpoint):

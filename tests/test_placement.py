@@ -98,6 +98,7 @@ def _link(rank: int, port: int, channel: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("channel", [DEFAULT, STAGED])
 def test_both_channels_deliver_every_batch_bitwise_in_order(tmp_path, channel):
     import socket

@@ -178,6 +178,7 @@ def test_vgim_plan_command(tmp_path):
         assert words in text
 
 
+@pytest.mark.slow
 def test_auto_is_resolved_before_the_run(tmp_path):
     from vgim_dist.launch import train
 
@@ -229,6 +230,7 @@ def test_flops_counted_from_shapes_match_torchs_counter():
         x = y
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_gpu_check_dry_run(tmp_path):
     """benchmarks/gpu_check.py --dry-run: every part of the GPU check on CPU, one JSON and one Markdown file."""
@@ -247,3 +249,16 @@ def test_gpu_check_dry_run(tmp_path):
     md = (tmp_path / "gpu_check.md").read_text()
     for heading in ("## Reference step", "## vgim plan", "## Pipeline", "## Loader", "## torch.compile"):
         assert heading in md
+
+
+def test_a_planned_run_replans_with_the_planner_and_its_threads(tmp_path):
+    from vgim_dist.plan.auto import replanner, resolve
+
+    cfg, planned = resolve(load_config("configs/smoke.yaml", [
+        *TINY, f"run.dir={tmp_path}", "run.runner=pipeline", "pipeline.stages=auto", "pipeline.workers=3",
+        "run.threads=1"]))
+    replan = replanner(cfg, planned)
+    assert replanner(load_config("configs/smoke.yaml"), None) is None   # a split given by hand: the runner's
+    assert replan(cfg.stage_modules(), cfg.stage_replicas(), 1) == ([[0, 1, 2, 3]], [1])
+    stages, replicas = replan(cfg.stage_modules(), cfg.stage_replicas(), 2)
+    assert [i for s in stages for i in s] == [0, 1, 2, 3] and len(stages) <= 2 and replicas == [1] * len(stages)

@@ -2,6 +2,7 @@
 (fresh, resume, refuse), SIGINT that leaves a resumable checkpoint."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vgim_dist.config import load_config
+from vgim_dist.config import RunConfig, load_config
 from vgim_dist.errors import UserError
 from vgim_dist.launch import train
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.stage import Stage
+from vgim_dist.train.stage import Stage, configure_torch
 
 from helpers import FAST, assert_bitwise_equal, cfg_for, final_state, run_cli
 
@@ -27,6 +28,32 @@ def test_same_seed_same_parameters(tmp_path):
     train(cfg_for(tmp_path / "c", "run.steps=6", "seed=1"))
     c = final_state(tmp_path / "c")
     assert not torch.equal(c["module.0.layers.0.0.weight"], final_state(tmp_path / "a")["module.0.layers.0.0.weight"])
+
+
+def test_same_seed_same_parameters_at_two_threads(tmp_path):
+    # Two threads split work (and so sums) differently from one: a run is reproducible at any fixed count.
+    for name in ("a", "b"):
+        summary = train(cfg_for(tmp_path / name, "run.steps=6", "run.threads=2"))
+        assert summary["threads"] == 2 and load_config(tmp_path / name / "config.yaml").run.threads == 2
+    assert_bitwise_equal(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+
+
+def test_default_thread_count_is_recorded(tmp_path):
+    summary = train(cfg_for(tmp_path, "run.steps=1", "run.threads=0"))
+    recorded = load_config(tmp_path / "config.yaml").run.threads
+    assert recorded >= 1 and summary["threads"] == recorded == torch.get_num_threads()
+
+
+def test_deterministic_setting(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        configure_torch(RunConfig(threads=1, deterministic=False), torch.device("cuda"))
+        assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        configure_torch(RunConfig(threads=1, deterministic=True), torch.device("cuda"))
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def test_stage_split_does_not_change_the_numbers(tmp_path):

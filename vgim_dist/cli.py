@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"vgim train: {e}", file=sys.stderr)
         return 130
-    print(json.dumps({"run_dir": cfg.run.dir, "steps": summary["steps"]}))
+    print(json.dumps({"run_dir": summary["run_dir"], "steps": summary["steps"]}))
     return 0
 
 

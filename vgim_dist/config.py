@@ -88,7 +88,11 @@ class RunConfig:
     steps: int = _opt(1000, lo=0)
     runner: Literal["reference", "pipeline"] = "reference"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    threads: int = _opt(0, lo=0, doc="torch threads per stage; 0 = torch's default")
+    threads: int = _opt(0, lo=0, doc="torch threads of each stage's process; 0 = the reference runner's default "
+                        "(torch's: the cores) or a pipeline worker's reserved CPUs (at least 1); part of a run's "
+                        "numbers, recorded in config.yaml")
+    deterministic: bool = _opt(True, doc="deterministic algorithms only (torch.use_deterministic_algorithms; on "
+                               "GPU also cuBLAS's fixed workspace); false = allow faster nondeterministic kernels")
     precision: Literal["fp32", "bf16"] = _opt("fp32", doc="bf16 = autocast the forward pass (GPU); fp32 master weights")
     log_every: int = _opt(10, lo=1)
 
@@ -103,7 +107,8 @@ class StageConfig:
 class PipelineConfig:
     stages: list[list[int]] | Literal["auto"] = _opt(
         factory=list, doc="module indices per stage; [] = one stage holding all; auto = planned at launch")
-    in_flight: int = _opt(2, lo=1, doc="batches a stage may run ahead of its consumer")
+    in_flight: int = _opt(2, lo=1, hi=16, doc="batches a stage may run ahead of its consumer; each holds one "
+                          "activation in memory (docs/pipeline.md)")
     replicas: list[int] | Literal["auto"] = _opt(
         factory=list, doc="data-parallel workers per stage, e.g. [2, 1]; [] = one each; auto = planned at launch")
     workers: int = _opt(0, lo=0, doc="workers an auto plan may use; 0 = one per CPU core, or per GPU")
@@ -111,6 +116,10 @@ class PipelineConfig:
                                  "(an auto plan sets it when workers share GPUs)")
     max_failures: int = _opt(3, lo=-1, doc="worker-group restarts from the last checkpoint; -1 = unlimited")
     cpus_per_stage: float = _opt(0.0, lo=0.0, doc="CPUs reserved per worker; 0 = min(1, CPUs / workers)")
+    placement: Literal["pack", "spread", "strict_spread"] = _opt(
+        "pack", doc="where Ray puts the workers: pack onto few nodes, spread over nodes, or one per node")
+    replan_after_s: float = _opt(300.0, lo=0.0, doc="after losing workers, seconds to wait for resources "
+                                 "before re-planning for the workers left (merge stages, drop replicas); 0 = wait")
 
 
 @dataclass

@@ -5,6 +5,7 @@ It sits above both runners (``train/`` and ``pipeline/``) and composes them with
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -16,15 +17,15 @@ import torch
 from vgim_dist.config import Config, dump_config
 from vgim_dist.errors import UserError
 from vgim_dist.model import describe
-from vgim_dist.plan.auto import resolve as resolve_plan
-from vgim_dist.storage import open_dir, write_bytes
+from vgim_dist.plan.auto import replanner, resolve as resolve_plan
+from vgim_dist.storage import absolute_uri, open_dir, write_bytes
 from vgim_dist.tracking import StageLogger
 from vgim_dist.tracking.tracker import RunTracker, move_credentials_to_env
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.encoder import load_encoder
 from vgim_dist.train.loop import Interrupted
 from vgim_dist.train.metrics import MetricsLog
-from vgim_dist.train.stage import resolve_device
+from vgim_dist.train.stage import configure_torch, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +85,45 @@ def start_step(cfg: Config, resume: bool) -> int:
     return checkpoints.newest_intact()
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its local paths absolute: a Ray worker's working directory is its session folder, not
+    the user's, so every process of a run must get the paths as the driver resolves them."""
+    cfg = copy.deepcopy(cfg)
+    cfg.run.dir = absolute_uri(cfg.run.dir)
+    cfg.data.uri = absolute_uri(cfg.data.uri)
+    cfg.data.cache_dir = absolute_uri(cfg.data.cache_dir)
+    cfg.tracking.uri = absolute_uri(cfg.tracking.uri)
+    return cfg
+
+
+def default_threads(cfg: Config) -> int:
+    """Torch threads of each stage's process when run.threads is 0: for a pipeline worker the whole CPUs it
+    reserves, at least one (what Ray itself would give it); for the reference runner this process's default."""
+    if cfg.run.runner == "pipeline":
+        return max(1, int(cfg.pipeline.cpus_per_stage))
+    return torch.get_num_threads()
+
+
 def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
-    """Train ``cfg`` to ``run.steps`` and return the run summary (also ``<run.dir>/summary.json``).
+    """Train ``cfg`` to ``run.steps`` and return the run summary (also ``<run.dir>/summary.json``), which
+    names the run directory (absolute) and the thread count of each stage.
     ``address``: the Ray cluster a pipeline joins (default: a submitted job's, else one started here)."""
+    cfg = absolute_paths(cfg)
     move_credentials_to_env(cfg)   # before the config is written, logged or sent to a worker
     check_inputs(cfg)              # a bad value or an unreachable store, named, before anything is written
     start = start_step(cfg, resume)
     cfg, plan = resolve_plan(cfg)       # pipeline.stages / replicas: auto -> a plan for this hardware
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    cfg.run.threads = cfg.run.threads or default_threads(cfg)  # part of the run's numbers: in config.yaml
     # A pipeline trains on its workers' devices (a cluster's head may have no GPU); the reference trains here.
     device = resolve_device(cfg.run.device) if cfg.run.runner == "reference" else cfg.run.device
+    if cfg.run.runner == "reference":
+        configure_torch(cfg.run, device)
     rows = describe(cfg.model, cfg.data.crop)
     fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
     write_bytes(fs, f"{root}/config.yaml", dump_config(cfg).encode())
 
-    log.info("device %s, %d threads, torch %s, python %s", device, torch.get_num_threads(), torch.__version__,
-             platform.python_version())
+    log.info("device %s, %d threads per stage, deterministic %s, torch %s, python %s", device, cfg.run.threads,
+             cfg.run.deterministic, torch.__version__, platform.python_version())
     log.info("stages %s, batch %d x %d samples, %d steps", cfg.stage_modules(), cfg.data.batch_size,
              cfg.data.crop, cfg.run.steps)
     for r in rows:
@@ -118,7 +141,7 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
                     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
                 refs = [tracker.stage_ref(s) for s in range(len(cfg.stage_modules()))]
-                summary = PipelineRunner(cfg, refs, address).run(start)
+                summary = PipelineRunner(cfg, refs, address, replanner(cfg, plan)).run(start)
             else:
                 from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
 
@@ -127,7 +150,8 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
         except Interrupted:
             tracker.end("KILLED")   # resumable
             raise
-        summary = {"runner": cfg.run.runner, "stages": cfg.stage_modules(), **summary}
+        summary = {"run_dir": cfg.run.dir, "runner": cfg.run.runner, "stages": cfg.stage_modules(),
+                   "threads": cfg.run.threads, "deterministic": cfg.run.deterministic, **summary}
         if plan:
             summary["plan"] = plan
         write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())

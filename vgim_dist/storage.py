@@ -32,6 +32,17 @@ def resolve_endpoint(endpoint_url: str = "") -> str:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (``~`` expanded), ``sqlite:///relative.db`` likewise; any other URI as it
+    is. A Ray worker's working directory is its session folder, not the user's: it must get absolute paths."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return f"sqlite:///{absolute_uri(path)}" if path and not path.startswith(("/", ":memory:")) else uri
+    if not uri or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def open_dir(uri: str, endpoint_url: str = "") -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, root path) for a directory URI; S3 endpoint as ``resolve_endpoint`` says."""
     options = {}
@@ -51,6 +62,9 @@ def checksum(data: bytes) -> str:
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols
+
+
+PARTIAL = ".tmp-"   # infix of the temporary name a local write goes through
 
 
 def transient(e: BaseException) -> bool:
@@ -101,7 +115,7 @@ def _write_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.makedirs(parent, exist_ok=True)
         fs.pipe_file(path, data)
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}{PARTIAL}{os.getpid()}"
     try:
         os.makedirs(parent, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -118,3 +132,11 @@ def _write_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             raise StorageFault(f"{path}: no space left on device ({usage.free:,} bytes free of {usage.total:,}; "
                                f"{len(data):,} needed)") from None
         raise
+
+
+def remove_partial(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Delete the temporary files that writers killed mid-write left directly under ``root`` (local disks
+    only: an object store never holds half a write). Only while no writer is running."""
+    if is_local(fs):
+        for path in fs.glob(f"{root}/*{PARTIAL}*"):
+            fs.rm(path)

@@ -35,6 +35,9 @@ def _prepare(a: argparse.Namespace) -> int:
     from vgim_dist.data.store import Store, StoreError  # noqa: PLC0415
 
     src = Path(a.src)
+    if a.workers < 0:
+        print(f"error: --workers must be 0 or more, got {a.workers}", file=sys.stderr)
+        return 2
     if not src.is_dir():
         raise UserError("no corpus folder", str(src), "give the folder that holds the corpus")
     try:
@@ -51,7 +54,7 @@ def _prepare(a: argparse.Namespace) -> int:
     corpus.info["source"] = str(src)
     try:
         m = prepare(corpus, Store(a.out, a.endpoint_url), shard_size=a.shard_size,
-                    min_samples=max(1, round(a.min_seconds * SAMPLE_RATE)))
+                    min_samples=max(1, round(a.min_seconds * SAMPLE_RATE)), workers=a.workers, address=a.address)
     except (StoreError, PrepareError) as e:
         raise UserError(str(e), str(src), "check the corpus folder, --format and --out") from e
     splits = {k: v["utterances"] for k, v in m["splits"].items()}
@@ -111,6 +114,10 @@ def add_data_commands(subparsers) -> None:
     p.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--shard-size", type=int, default=256, help="source files per shard")
     p.add_argument("--min-seconds", type=float, default=0.0, help="skip clips shorter than this")
+    p.add_argument("--workers", type=int, default=0, help="build shards in parallel as Ray tasks on a private "
+                   "Ray with this many CPUs (default 0: one process)")
+    p.add_argument("--address", default="", help="build shards as Ray tasks on this Ray cluster, e.g. "
+                   "10.0.0.5:6379 or auto; every node must see SRC at the same path")
     p.add_argument("--split-dir", help="librispeech: folder with <split>_split.txt files (default: SRC)")
     p.add_argument("--phones", help="librispeech: converted_aligned_phones.txt (default: SRC/...)")
     p.add_argument("--level", choices=("word", "syllable"), default="word", help="deboer")

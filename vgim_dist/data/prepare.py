@@ -5,6 +5,11 @@ becomes ``<split>-<i>.parquet`` (`prepare_shard`), written atomically with its o
 of its inputs in the Parquet footer. A re-run keeps every shard whose fingerprint matches and whose rows all
 match their checksums, and rebuilds the rest, so an interrupted run resumes with no utterance lost,
 duplicated or damaged. ``manifest.json`` is written last, with each shard's size and file checksum.
+
+Shards are independent, so they can be made in parallel: with ``workers`` (or a Ray cluster's ``address``)
+each shard is a Ray task that checks or builds it and writes it straight to the store. A task whose worker
+dies is run again by Ray; the manifest is assembled in shard order from the shards' own records, so it is
+the same whichever way, and in whatever order, the shards were made.
 """
 
 from __future__ import annotations
@@ -12,14 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from vgim_dist.data.audio import SAMPLE_RATE, BadAudio, load_pcm16
 from vgim_dist.data.readers import Corpus, Item, utf8_name
 from vgim_dist.data.shard import FORMAT_VERSION, SCHEMA, CorruptShard, decode, encode, footer_record
 from vgim_dist.data.store import Store
-from vgim_dist.progress import progress
 from vgim_dist.storage import checksum
 
 MANIFEST = "manifest.json"
@@ -84,24 +90,49 @@ def prepare_shard(store: Store, name: str, chunk: list[Item], min_samples: int) 
     return record, entry, done
 
 
-def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: int = 1,
-            log: Callable[[str], None] = print) -> dict:
-    """Write (or finish writing) the shards for ``corpus`` and return the manifest."""
-    if not corpus.items and not corpus.skipped:
-        raise PrepareError(f"no audio files found in {corpus.info.get('source', 'the corpus')}")
-    store.check(create=True)
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to make: its split, its name and its source files, in id order."""
+
+    split: str
+    name: str
+    chunk: list[Item]
+
+
+def plan_shards(corpus: Corpus, shard_size: int) -> list[ShardJob]:
+    """Every shard of ``corpus``, split by split (sorted), utterances in id order."""
     splits: dict[str, list[Item]] = {}
     for it in sorted(corpus.items, key=lambda it: it.id):
         splits.setdefault(it.split, []).append(it)
+    return [ShardJob(split, f"{split}-{i // shard_size:05d}.parquet", items[i:i + shard_size])
+            for split, items in sorted(splits.items()) for i in range(0, len(items), shard_size)]
+
+
+def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: int = 1,
+            log: Callable[[str], None] = print, workers: int = 0, address: str = "") -> dict:
+    """Write (or finish writing) the shards for ``corpus`` and return the manifest. ``workers`` > 0 makes the
+    shards as Ray tasks on a private Ray of that many CPUs on this machine; ``address`` on that Ray cluster
+    (every node must read the corpus at the same path)."""
+    if not corpus.items and not corpus.skipped:
+        raise PrepareError(f"no audio files found in {corpus.info.get('source', 'the corpus')}")
+    store.check(create=True)
+    jobs = plan_shards(corpus, shard_size)
+    made = _on_ray(jobs, store, min_samples, workers, address) if workers or address else (
+        (job, prepare_shard(store, job.name, job.chunk, min_samples)) for job in jobs)
+    results: dict[str, tuple[dict, dict]] = {}
+    t0, files = time.perf_counter(), 0
+    for n, (job, (record, entry, done)) in enumerate(made, 1):   # in the order they finish
+        results[job.name] = record, entry
+        files += len(job.chunk)
+        log(f"{done} [{n}/{len(jobs)} shards, {files / (time.perf_counter() - t0):.0f} files/s]")
+    store.remove_partial()   # what workers that died mid-write left behind
 
     manifest = {"format_version": FORMAT_VERSION, "sample_rate": SAMPLE_RATE, "dtype": "int16",
                 "corpus": corpus.info, "splits": {}, "skipped": list(corpus.skipped), "fixes": Counter()}
-    for split, items in sorted(splits.items()):
+    for split in sorted({job.split for job in jobs}):
         shards, speakers = [], set()
-        for i in progress(range(0, len(items), shard_size), f"{split} shards", unit="shard"):
-            record, entry, done = prepare_shard(store, f"{split}-{i // shard_size:05d}.parquet",
-                                                items[i:i + shard_size], min_samples)
-            log(done)
+        for job in (j for j in jobs if j.split == split):
+            record, entry = results[job.name]
             manifest["skipped"] += record["skipped"]
             manifest["fixes"].update(record["fixes"])
             speakers.update(record["speakers"])
@@ -118,6 +149,26 @@ def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: in
                            f"no manifest written to {store}")
     store.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _on_ray(jobs: list[ShardJob], store: Store, min_samples: int, workers: int,
+            address: str) -> Iterator[tuple[ShardJob, tuple[dict, dict, str]]]:
+    """(job, what `prepare_shard` returned) for every job, in the order they finish, each a Ray task of one CPU."""
+    import ray  # noqa: PLC0415 - only for parallel preparation
+
+    from vgim_dist import ray_session  # noqa: PLC0415
+
+    owns = ray_session.connect(address, num_cpus=workers or None)
+    try:
+        # A task whose worker dies is run again: a shard is only ever written whole, so that is safe.
+        task = ray.remote(num_cpus=1, max_retries=3)(prepare_shard)
+        pending = {task.remote(store, job.name, job.chunk, min_samples): job for job in jobs}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(ready[0]), ray.get(ready[0])
+    finally:
+        if owns:
+            ray.shutdown()
 
 
 def verify(store: Store, log: Callable[[str], None] = print) -> tuple[int, list[str]]:

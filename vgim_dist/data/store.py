@@ -6,7 +6,7 @@ from pathlib import Path
 
 import fsspec
 
-from vgim_dist.storage import resolve_endpoint, write_bytes
+from vgim_dist.storage import remove_partial, resolve_endpoint, write_bytes
 
 
 class StoreError(RuntimeError):
@@ -64,3 +64,7 @@ class Store:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self._call("write to", write_bytes, self.fs, self._path(name), data)
+
+    def remove_partial(self) -> None:
+        """Delete what writers that died mid-write left behind (none may be running)."""
+        self._call("clean up", remove_partial, self.fs, self.root)

@@ -61,6 +61,32 @@ class _ContrastScores(torch.autograd.Function):
         return g_pred, g_target, g_neg, None, None
 
 
+class _PermutedRows(torch.autograd.Function):
+    """``pool[perms]`` with a backward whose result does not depend on the thread count or the scheduling.
+
+    Autograd's own backward of ``pool[perms]`` is one ``index_put_(accumulate=True)``: on CPU its threads add
+    colliding rows in whatever order they reach them, so a run's numbers change from run to run. Each row of
+    ``perms`` is part of one permutation and so names every pool row at most once: its scatter has no
+    collisions, and the N rows are summed in order.
+
+    pool (P, D), perms (N, T) with distinct entries in each row -> (N, T, D).
+    """
+
+    @staticmethod
+    def forward(ctx, pool, perms):
+        ctx.save_for_backward(perms)
+        ctx.rows = pool.shape[0]
+        return pool[perms]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (perms,) = ctx.saved_tensors
+        g_pool = grad.new_zeros(ctx.rows, grad.shape[-1])                # (P, D)
+        for n in range(perms.shape[0]):
+            g_pool.index_add_(0, perms[n], grad[n])
+        return g_pool, None
+
+
 def _negatives(neg: torch.Tensor, k: int, batch: int, offset: int, rows: int) -> torch.Tensor:
     """View of the negatives for offset k and batch rows offset .. offset + rows: (N, rows, W - k, D).
 
@@ -102,7 +128,7 @@ def info_nce(context: torch.Tensor, target: torch.Tensor, predictor: torch.nn.Li
     tail = B * (W - 1)
     perms = torch.stack([torch.randperm(B * L, generator=generator, device=pool.device)[B * L - tail:]
                          for _ in range(negatives)])                      # (N, B*(W-1))
-    neg = pool[perms]                                                     # (N, B*(W-1), D)
+    neg = _PermutedRows.apply(pool, perms)                                # (N, B*(W-1), D)
 
     logits = _ContrastScores.apply(pred, z_w, neg, B, offset)             # (b, W, K, 1+N)
     log_p = -F.log_softmax(logits, dim=-1)[..., 0]                        # (b, W, K)

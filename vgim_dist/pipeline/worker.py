@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -32,9 +33,19 @@ from vgim_dist.tracking import StageLogger, StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.loop import LoopPolicy, Pace
 from vgim_dist.train.metrics import MetricsLog, eta
-from vgim_dist.train.stage import Stage, metric_names
+from vgim_dist.train.stage import Stage, configure_torch, metric_names
 
 STAGE_STATS = ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")
+
+
+def see_run_dir(cfg: Config) -> None:
+    """Fail at once, naming run.dir, when this worker cannot see the run directory the driver prepared:
+    otherwise its checkpoints would go where the driver never looks. No restart can fix that."""
+    fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
+    if not fs.exists(f"{root}/config.yaml"):
+        raise StorageFault(f"run.dir {cfg.run.dir}: not visible from this worker (node "
+                           f"{ray.util.get_node_ip_address()}, no config.yaml there); on a cluster of several nodes "
+                           "run.dir must be storage every node shares, e.g. s3://bucket/runs/name")
 
 
 def forwarded_names(cfg: Config, stage: int) -> list[str]:
@@ -166,9 +177,9 @@ class StageWorker:
     def __init__(self, cfg: Config, stop: ray.ObjectRef, stage_refs: list[StageRef | None]):
         self.cfg = cfg
         self.topo = topo = Topology(tuple(cfg.stage_replicas()), ray.train.get_context().get_world_rank())
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
         self.device = ray.train.torch.get_device()
+        configure_torch(cfg.run, self.device)
+        see_run_dir(cfg)
         # Flow control, checkpoint barriers and the resume step travel on gloo whatever carries activations.
         self.control = dist.new_group(backend="gloo")
         # Which ranks share a device decides each link's channel (fractional GPUs put stages on one GPU).
@@ -179,7 +190,7 @@ class StageWorker:
         self.stage = Stage(cfg, topo.stage, self.device, self.replicas)
         self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
         self.start = self._restore()
-        self._announce()
+        where = self._announce()
 
         if topo.stage == 0:
             self.inputs = Batches(cfg, self.start, stop, self.device, self.replicas, replica_control)
@@ -194,6 +205,7 @@ class StageWorker:
         self.own = forwarded_names(cfg, topo.stage)
         # Replica 0 speaks for its stage: MLflow run, metrics rows.
         self.tracking = StageLogger(stage_refs[topo.stage] if topo.replica == 0 else None)
+        self.tracking.set_tags({f"vgim.{k}": str(where[k]) for k in ("node", "node_id", "host", "device")})
         self.metrics = None
         if topo.is_last and topo.replica == 0:  # it sees every stage's numbers for a step last: it logs rows
             self.names = [n for t in range(topo.stages) for n in forwarded_names(cfg, t)]
@@ -214,14 +226,18 @@ class StageWorker:
             self.checkpoints.load_stage(self.stage, start)
         return start
 
-    def _announce(self) -> None:
-        """``<run.dir>/workers/stage-<s>.json``: where each stage runs (pid, node), for operators and tests."""
+    def _announce(self) -> dict:
+        """``<run.dir>/workers/stage-<s>.json``: where each stage runs (pid, node: address, Ray node id, host
+        name), for operators and tests. Several Ray nodes can share one address, so the node id tells them apart."""
         fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
         stage, replica = self.topo.stage, self.topo.replica
         info = {"stage": stage, "replica": replica, "modules": self.stage.module_ids, "pid": os.getpid(),
-                "node": ray.util.get_node_ip_address(), "device": str(self.device), "start": self.start}
+                "node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "host": socket.gethostname(), "device": str(self.device), "threads": torch.get_num_threads(),
+                "start": self.start}
         name = f"stage-{stage}" + (f"-replica-{replica}" if replica else "")
         write_bytes(fs, f"{root}/workers/{name}.json", json.dumps(info).encode())
+        return info
 
     def run(self) -> None:
         policy = LoopPolicy(self.cfg, self.start, self._checkpoint)

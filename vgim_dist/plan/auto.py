@@ -14,7 +14,7 @@ import logging
 import torch
 
 from vgim_dist.config import Config, ConfigError
-from vgim_dist.plan.planner import Plan, rank, table
+from vgim_dist.plan.planner import Plan, plan, rank, table
 from vgim_dist.plan.profile import cached_profile, host_cores
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.train.stage import resolve_device
@@ -77,3 +77,20 @@ def resolve(cfg: Config) -> tuple[Config, dict | None]:
     fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
     write_bytes(fs, f"{root}/plan/plan.json", json.dumps(record, indent=1).encode())
     return out, record
+
+
+def replanner(cfg: Config, planned: dict | None):
+    """How a pipeline re-plans after losing workers, for a run whose layout was planned at launch (``planned``,
+    what `resolve` returned): the planner over the same measured profile, with the run's thread count pinned
+    and no replicas added, so that the numbers do not change. None for a layout given by hand: the runner
+    then merges stages its own way."""
+    if planned is None:
+        return None
+    prof = cached_profile(cfg, resolve_device(cfg.run.device), threads=[cfg.run.threads])  # cached at launch
+    gpus = planned["gpus"]
+
+    def replan(stages: list[list[int]], replicas: list[int], workers: int) -> tuple[list[list[int]], list[int]]:
+        best = plan(prof, workers, min(gpus, workers), threads=cfg.run.threads, replicate=False)
+        return [s.modules for s in best.stages], [s.replicas for s in best.stages]
+
+    return replan

@@ -112,6 +112,11 @@ class _Row:
     failed: int = field(default=0, compare=False)  # send attempts that failed
 
 
+@dataclass
+class _Tags:
+    tags: dict[str, str]
+
+
 _STOP = object()
 
 
@@ -147,7 +152,13 @@ class StageLogger:
             return
         self._put(_Row(step, int(time.time() * 1000), {k: float(v) for k, v in values.items()}))
 
-    def _put(self, row: _Row) -> None:
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Tag the stage's run (where it trains: node, device), from the sender thread like every request; a
+        store that is down costs a warning only."""
+        if self.ref is not None:
+            self._put(_Tags(dict(tags)))
+
+    def _put(self, row: _Row | _Tags) -> None:
         try:
             self._queue.put_nowait(row)
         except queue.Full:
@@ -202,6 +213,8 @@ class StageLogger:
                 for item in _drain(self._queue, timeout=wait):
                     if item is _STOP:
                         stopping = True
+                    elif isinstance(item, _Tags):
+                        self._send_tags(item.tags)
                     else:
                         self.pending.append(item)
                         self._latest = max(self._latest, item.step)
@@ -249,6 +262,16 @@ class StageLogger:
                      time.monotonic() - self._failing_since)
             self._failing_since = None
         return True
+
+    def _send_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag  # noqa: PLC0415
+
+        try:
+            retry(lambda: self._client.log_batch(self.ref.run_id, tags=[RunTag(k, v) for k, v in tags.items()]),
+                  self.ref.retries, "set_tags")
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            log.warning("tracking: %s could not tag its run on %s (%s)", self.ref.name, redact(self.ref.tracking_uri),
+                        _one_line(e))
 
     def _dropped(self, n: int, why: str) -> None:
         with self._lock:

@@ -86,6 +86,8 @@ class CheckpointManager:
         return retrying("list", shown(self.fs, self.root), self._steps)
 
     def _steps(self) -> list[int]:
+        # Other processes (the stages, on other nodes) write here: never answer from a cached S3 listing.
+        self.fs.invalidate_cache(self.root)
         if not self.fs.exists(self.root):
             return []
         found = []

@@ -6,11 +6,13 @@ stages: a 1-stage reference run and a 4-stage pipeline draw the same noise and t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from vgim_dist.config import Config, ModelConfig
+from vgim_dist.config import Config, ModelConfig, RunConfig
 from vgim_dist.errors import UserError
 from vgim_dist.model import build_module, loss_terms
 from vgim_dist.parallel.data_parallel import GroupBatchNorm1d, ReplicaGroup
@@ -30,6 +32,17 @@ def resolve_device(name: str) -> torch.device:
         raise UserError("run.device=cuda but no CUDA device is visible", "torch.cuda.is_available() is False",
                         "use run.device=cpu (or auto), or run on a machine with an NVIDIA GPU and driver")
     return torch.device(name)
+
+
+def configure_torch(run: RunConfig, device: torch.device) -> None:
+    """This process's torch settings that a run's numbers depend on: the thread count (oneDNN splits some
+    reductions by thread) and, with ``run.deterministic``, deterministic kernels. Call it before the first
+    CUDA operation: cuBLAS reads its workspace setting when it starts."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    if run.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(run.deterministic)
 
 
 def stage_generator(seed: int, module: int, device: torch.device) -> torch.Generator:
