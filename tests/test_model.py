@@ -121,6 +121,7 @@ def test_zero_predictor_gives_ln11(variational):
         x = out.output
 
 
+@pytest.mark.slow  # full-size modules
 def test_initial_nce_magnitudes_match_published_code():
     """docs/method.md, Training semantics: about 25.5 per V-GIM conv module, 9.3 for its GRU; 3.6 per GIM conv
     module, 2.85 for its GRU; KL per frame about 0.13."""
@@ -165,6 +166,7 @@ def test_gim_uses_mean_and_vgim_draws_two_samples(monkeypatch):
             assert torch.equal(seen["c"], seen["z"]) and torch.allclose(seen["z"], mu)
 
 
+@pytest.mark.slow  # full-size modules
 def test_gradient_isolation_between_modules():
     cfg = vgim()
     mods = [build_module(cfg.model, i, 0) for i in range(4)]
