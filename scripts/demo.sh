@@ -13,7 +13,7 @@ $VGIM data synth deboer "$RUN/corpus" --seed 0
 $VGIM data prepare "$RUN/corpus" --format deboer --out "$RUN/shards"
 $VGIM data prepare "$RUN/corpus" --format deboer --level syllable --syllable-split clean --out "$RUN/syllables"
 $VGIM train configs/smoke.yaml --set run.dir="$RUN/train" --set data.uri="$RUN/shards" \
-    --set tracking.enabled=true --set tracking.model_name=vgim-demo \
+    --set tracking.model_name=vgim-demo \
     --set eval.every=1 --set eval.data="$RUN/syllables" --set eval.tasks="[syllables]"
 echo "demo: run directory $RUN/train (config.yaml, metrics.jsonl, summary.json, checkpoints/, mlflow.db)"
 

@@ -11,7 +11,7 @@ VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS-dev}
 # Speech engines and voices for the synthetic corpora (vgim_dist/data/synth.py), all from the distribution.
 APT_PACKAGES=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libsndfile1)
-# Development: headless Chromium renders the HTML report in its test.
+# A headless browser for the tests that look at the MLflow UI and the HTML report (not in the image).
 if [[ ",$EXTRAS," == *",dev,"* ]]; then APT_PACKAGES+=(chromium); fi
 python3 -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 
@@ -21,9 +21,10 @@ for pkg in "${APT_PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "setup: installing ${missing[*]}"
+    echo "setup: installing system packages: ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" \
+      | grep --line-buffered -E '^(Get|Setting up)' || true
   else
     echo "setup: missing system packages: ${missing[*]}" >&2
     echo "setup: install them first, e.g.  sudo apt-get install ${missing[*]}" >&2
@@ -34,11 +35,15 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-pip=("$VENV/bin/python" -m pip install --quiet)
+# pip's own progress (one line per package, a bar per download): a fresh install takes minutes.
+pip=("$VENV/bin/python" -m pip install --progress-bar on --disable-pip-version-check)
+install() {  # pip install, showing what it downloads and installs, not what is there already
+  "${pip[@]}" "$@" | { grep --line-buffered -v '^Requirement already satisfied' || true; }
+}
 
 if [ "${DEPS_ONLY:-0}" = 1 ]; then
   # The dependencies named in pyproject.toml, without the package: a layer that survives source edits.
-  "${pip[@]}" --upgrade pip
+  "${pip[@]}" --quiet --upgrade pip
   mapfile -t deps < <("$VENV/bin/python" - "$EXTRAS" <<'PY'
 import sys, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
@@ -46,7 +51,8 @@ extras = [e for e in sys.argv[1].split(",") if e]
 print("\n".join(project["dependencies"] + [d for e in extras for d in project["optional-dependencies"][e]]))
 PY
   )
-  "${pip[@]}" "${deps[@]}"
+  echo "setup: installing the dependencies into $VENV (a few minutes on a fresh machine)"
+  install "${deps[@]}"
   exit 0
 fi
 
@@ -54,7 +60,9 @@ stamp="$VENV/.vgim-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   spec="."
   [ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
-  "${pip[@]}" --upgrade pip
-  "${pip[@]}" -e "$spec"
+  echo "setup: installing vgim-dist and its dependencies into $VENV (a few minutes on a fresh machine)"
+  "${pip[@]}" --quiet --upgrade pip
+  install -e "$spec"
   touch "$stamp"
+  echo "setup: done"
 fi

@@ -18,7 +18,8 @@ from vgim_dist.train.stage import Stage
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough for seconds per run, with every mechanism of the smoke config (4 modules, BatchNorm, GRU).
-FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=2", "run.threads=1"]
+# Tracking (on by default) has its own tests; the rest train without it.
+FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=2", "run.threads=1", "tracking.enabled=false"]
 
 # Replica runs: a batch of 5 splits unevenly over 2 replicas.
 REPLICA_STEPS = 20

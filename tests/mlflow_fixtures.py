@@ -15,7 +15,7 @@ def mlflow_server(tmp_path_factory) -> str:
     with open(root / "server.log", "w") as log:
         proc = start_server(f"sqlite:///{root}/mlflow.db", port, str(root / "artifacts"), log)
     try:
-        wait_ready(proc, url)
+        wait_ready(proc, url, timeout=300)   # a loaded machine takes minutes
     except RuntimeError as e:
         proc.kill()
         pytest.fail(f"{e}\n{(root / 'server.log').read_text()[-3000:]}")

@@ -63,6 +63,26 @@ def test_entrypoint_runs_vgim_or_a_command():
     assert out.stdout.strip() == "plain command"
 
 
+@pytest.mark.parametrize("args", [["eval", "probe", "runs/x"], ["train", "configs/vgim.yaml"], ["report", "r"],
+                                  ["--help"], []])
+def test_entrypoint_sends_vgim_subcommands_to_vgim_even_when_a_shell_builtin_has_the_name(tmp_path, args):
+    """`eval` is a shell builtin: `command -v eval` finds it, and `exec eval` fails with rc 127."""
+    stub = tmp_path / "vgim"
+    stub.write_text('#!/bin/sh\necho "vgim called with: $*"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    out = subprocess.run(["bash", str(ROOT / "scripts/entrypoint.sh"), *args], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"vgim called with: {' '.join(args)}".rstrip()
+
+
+def test_image_has_what_kuberay_probes_call():
+    """KubeRay's default readiness and liveness probes run `wget` against the Ray health endpoints."""
+    install = re.search(r"apt-get install[^\n]*", (ROOT / "Dockerfile").read_text()).group(0)
+    assert " wget" in install
+
+
 def test_ray_cluster_launcher_config():
     cfg = yaml.safe_load((ROOT / "cluster/ray-cluster.yaml").read_text())
     assert cfg["head_node_type"] in cfg["available_node_types"]

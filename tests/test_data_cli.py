@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # `make test` runs it, `make test-fast` skips it
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vgim_dist.data.cli", "data", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vgim_dist", "data", *args], capture_output=True,
                           text=True, timeout=120)
 
 

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from vgim_dist.data import cli, prepare as prepare_mod, readers
+from vgim_dist.cli import main as vgim_main
+from vgim_dist.data import prepare as prepare_mod, readers
 from vgim_dist.data.loader import iter_utterances
 from vgim_dist.data.prepare import PrepareError, prepare
 from vgim_dist.data.shard import CorruptShard
@@ -90,10 +91,10 @@ def test_cli_fails_loudly_when_every_file_fails(tmp_path, capsys):
     src.mkdir()
     (src / "a.wav").write_bytes(b"junk")
     (src / "b.flac").write_bytes(b"")
-    assert cli.main(["data", "prepare", str(src), "--format", "folder", "--out", str(tmp_path / "o")]) == 1
+    assert vgim_main(["data", "prepare", str(src), "--format", "folder", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "every file failed (2 skipped" in err and not (tmp_path / "o" / "manifest.json").exists()
-    assert cli.main(["data", "prepare", str(tmp_path / "nowhere"), "--format", "folder",
+    assert vgim_main(["data", "prepare", str(tmp_path / "nowhere"), "--format", "folder",
                      "--out", str(tmp_path / "o")]) == 2
 
 
@@ -218,11 +219,11 @@ def test_damaged_shard_is_rebuilt_by_a_prepare_rerun_and_found_by_verify(librisp
     corpus = readers.librispeech(librispeech_dir)
     out = tmp_path / "out"
     prepare(corpus, Store(str(out)), shard_size=4, log=_quiet)
-    assert cli.main(["data", "verify", str(out)]) == 0
+    assert vgim_main(["data", "verify", str(out)]) == 0
     assert "5 shards verified" in capsys.readouterr().out
     damaged = out / "train-00001.parquet"
     _flip(damaged, _audio_offset(damaged), 5)
-    assert cli.main(["data", "verify", str(out)]) == 1
+    assert vgim_main(["data", "verify", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"shard {out}/train-00001.parquet: row"), err
     log = []
@@ -234,7 +235,7 @@ def test_damaged_shard_is_rebuilt_by_a_prepare_rerun_and_found_by_verify(librisp
     clean = tmp_path / "clean"
     assert m == prepare(corpus, Store(str(clean)), shard_size=4, log=_quiet)
     assert _rows(str(out)) == _rows(str(clean))
-    assert cli.main(["data", "verify", str(out)]) == 0
+    assert vgim_main(["data", "verify", str(out)]) == 0
 
 
 def _descendants_running(pid: int, title: str) -> list[int]:

@@ -53,3 +53,14 @@ def test_zero_checkpoint_resumes_exactly(tmp_path):
     assert (tmp_path / "b" / "state.ckpt" / "checkpoints" / "step-3" / "module-0.zero-1.safetensors").exists()
     for k, v in straight[0].items():
         assert torch.equal(resumed[0][k], v), k
+
+
+def test_the_one_time_op_build_is_announced(tmp_path, monkeypatch, capsys):
+    from vgim_dist.parallel.deepspeed_engine import announce_op_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert announce_op_build()
+    assert capsys.readouterr().err.startswith("compiling DeepSpeed ops (once")
+    (tmp_path / "py311_cpu" / "deepspeed_shm_comm").mkdir(parents=True)
+    (tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert not announce_op_build() and capsys.readouterr().err == ""

@@ -15,7 +15,6 @@ from browser import inspect_page
 
 from vgim_dist.cli import main
 from vgim_dist.config import load_config
-from vgim_dist.data.cli import main as data_main
 from vgim_dist.data.synth import synth_deboer
 from vgim_dist.eval.decoder import decoder_run
 from vgim_dist.eval.features import load_run
@@ -37,8 +36,8 @@ def setup(tmp_path_factory) -> dict:
     corpus = root / "corpus"
     synth_deboer(corpus, words=24, voices_n=1, takes=2, difficulty=0.2, seed=1)  # easy: these tests are mechanics
     words, syllables = str(root / "words"), str(root / "syllables")
-    assert data_main(["data", "prepare", str(corpus), "--format", "deboer", "--out", words]) == 0
-    assert data_main(["data", "prepare", str(corpus), "--format", "deboer", "--level", "syllable",
+    assert main(["data", "prepare", str(corpus), "--format", "deboer", "--out", words]) == 0
+    assert main(["data", "prepare", str(corpus), "--format", "deboer", "--level", "syllable",
                       "--syllable-split", "clean", "--out", syllables]) == 0
     run = str(root / "run")
     train(load_config("configs/smoke.yaml", [
@@ -204,7 +203,7 @@ def test_speaker_and_phone_probes_on_librispeech_layout(setup, librispeech_dir, 
         lines.append(" ".join([f.stem, *map(str, (energy > np.median(energy)).astype(int))]))
     (corpus / "converted_aligned_phones.txt").write_text("\n".join(lines) + "\n")
     shards = str(tmp_path / "shards")
-    assert data_main(["data", "prepare", str(corpus), "--format", "librispeech", "--out", shards]) == 0
+    assert main(["data", "prepare", str(corpus), "--format", "librispeech", "--out", shards]) == 0
 
     speakers = probe_run(setup["run"], "speakers", shards, modules=[0], settings=FAST_PROBE, track=False)
     assert speakers["classes"] == ["100", "101", "102"]

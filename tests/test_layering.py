@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "vgim_dist"
 
 # Each unit (a module or subpackage; the longest matching name wins) and the units it may import.
-BASE = {"config", "data.config", "storage", "seeding", "ray_session"}
+BASE = {"config", "data.config", "storage", "seeding", "ray_session", "errors", "progress"}
 ALLOWED = {
     "__main__": {"cli"},
     "cli": {"launch", "plan", "train", "pipeline", "eval", "tracking", "data", "model", *BASE},
@@ -19,9 +19,11 @@ ALLOWED = {
     "train": {"tracking", "data", "model", "parallel", *BASE},
     "model": {"parallel", *BASE},
     "parallel": {"config"},
-    "tracking": {"config", "storage"},
-    "data": {"data.config", "storage", "seeding", "ray_session"},
+    "tracking": {"config", "storage", "errors"},
+    "data": {"data.config", "storage", "seeding", "ray_session", "config", "errors", "progress"},
     "config": {"data.config"},
+    "errors": set(),
+    "progress": set(),
     "data.config": set(),
     "storage": set(),
     "seeding": set(),

@@ -23,6 +23,7 @@ from safetensors.torch import load
 
 from vgim_dist.config import load_config
 from vgim_dist.launch import train
+from vgim_dist.model import loss_terms
 from vgim_dist.pipeline.runner import PipelineRunner
 from vgim_dist.storage import StorageFault
 from vgim_dist.train.checkpoint import CheckpointManager
@@ -133,9 +134,10 @@ def cli(head: Head, run_dir: Path, *args: str) -> list[str]:
 
 
 def test_two_stages_equal_the_reference(on_head, reference, tmp_path, mlflow_server):
-    summary = train(load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path}", "run.steps=20",
-                                                       "pipeline.stages=[[0],[1,2,3]]", "tracking.enabled=true",
-                                                       f"tracking.uri={mlflow_server}"]))
+    cfg = load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path}", "run.steps=20",
+                                             "pipeline.stages=[[0],[1,2,3]]", "tracking.enabled=true",
+                                             f"tracking.uri={mlflow_server}"])
+    summary = train(cfg)
     assert_bitwise_equal(stored_state(str(tmp_path)), reference(20))
     assert summary["threads"] == 1
     assert [json.loads(f.read_text())["threads"] for f in sorted((tmp_path / "workers").iterdir())] == [1, 1]
@@ -151,10 +153,20 @@ def test_two_stages_equal_the_reference(on_head, reference, tmp_path, mlflow_ser
     for s, modules in enumerate([[0], [1, 2, 3]]):
         run_id = json.loads((tmp_path / "mlflow.json").read_text())["stages"][s]["run_id"]
         keys = {k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")}
-        own = {f"module.{i}.{t}" for i in modules for t in ("nce", "kl", "loss")}
+        own = {f"module.{i}.{t}" for i in modules for t in loss_terms(cfg.model, i)}
         stats = {f"stage.{s}.{k}" for k in ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")}
         assert keys == own | stats | {"step_time_s", "windows_per_s"}
         assert [m.step for m in client.get_metric_history(run_id, "windows_per_s")] == list(range(2, 21, 2))
+    # One parent, a child per stage, each with its own worker process's system metrics.
+    ids = json.loads((tmp_path / "mlflow.json").read_text())
+    parent = client.get_run(ids["parent_run_id"])
+    assert parent.info.run_name == "smoke V-GIM s0 pipeline" and "mlflow.parentRunId" not in parent.data.tags
+    stages = client.search_runs([ids["experiment_id"]], f"tags.mlflow.parentRunId = '{ids['parent_run_id']}'")
+    assert sorted(r.info.run_name for r in stages) == ["stage-0 (M0)", "stage-1 (M1-M3)"]
+    assert all(r.info.status == "FINISHED" for r in [parent, *stages])
+    for r in stages:
+        assert {"system/process_cpu_percent", "system/process_rss_mb"} <= set(r.data.metrics), r.info.run_name
+    assert not any(k.startswith("system/") for k in parent.data.metrics)   # the driver does not train
 
 
 @pytest.mark.timeout(600)      # four threads on two cores

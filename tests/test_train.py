@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from vgim_dist.config import RunConfig, load_config
+from vgim_dist.errors import UserError
 from vgim_dist.launch import train
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.stage import Stage, configure_torch
@@ -135,12 +136,12 @@ def test_sigint_leaves_a_resumable_checkpoint(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match="cuda requested but no CUDA device"):
+    with pytest.raises(UserError, match="run.device=cuda but no CUDA device"):
         train(cfg_for(tmp_path, "run.device=cuda", "run.steps=1"))
 
 
 def test_too_short_crop_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"module 1 emits 9 frames for data.crop = 640 samples"):
+    with pytest.raises(UserError, match=r"module 1 emits 9 frames for data.crop = 640 samples.*at least \d+"):
         train(cfg_for(tmp_path, "data.crop=640"))
     assert not tmp_path.joinpath("config.yaml").exists()       # refused before anything is written
 
@@ -154,3 +155,26 @@ def test_bf16_autocast_trains_close_to_fp32():
         losses[precision] = float(m["module.0.nce"])
     assert outputs["bf16"].dtype == torch.bfloat16            # half the bytes between stages
     assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.05
+
+
+def test_metrics_reach_the_file_at_every_logged_step_and_a_resume_drops_rows_past_its_checkpoint(tmp_path):
+    import io
+
+    from vgim_dist.train.metrics import MetricsLog
+
+    def on_disk():
+        return [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    console = io.StringIO()
+    log = MetricsLog(str(tmp_path), 8, stream=console)
+    for step in (2, 4, 6):
+        log.record(step, {"module.0.nce": 1.0})
+        assert on_disk()[-1] == step                   # no checkpoint needed to see it
+    assert "step 6/8" in console.getvalue() and "elapsed, ETA" in console.getvalue()
+    with open(tmp_path / "metrics.jsonl", "a") as f:   # a crash in the middle of an append
+        f.write('{"step": 8, "modu')
+    again = MetricsLog(str(tmp_path), 8, stream=console)
+    again.resume(4)                                    # the checkpoint restored is step 4
+    again.record(6, {"module.0.nce": 2.0})
+    assert on_disk() == [2, 4, 6]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["module.0.nce"] == 2.0

@@ -1,27 +1,68 @@
-"""``vgim``: the command line. Each subcommand parses its arguments and calls into the package."""
+"""``vgim``: the command line. Each subcommand parses its arguments and calls into the package.
+
+Errors a user can fix print one line, ``vgim: <what> (<where>); <what to do>``, and exit non-zero; the
+traceback is shown only with ``--debug`` or ``VGIM_DEBUG=1``. Heavy packages (torch, Ray, MLflow) are
+imported by the command that needs them, so ``vgim --help`` and config errors answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 
+from vgim_dist import __version__
 from vgim_dist.config import ConfigError, load_config
-from vgim_dist.storage import StorageFault
+from vgim_dist.errors import UserError
+
+RAY_CONNECT_TIMEOUT_S = 10
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless it names one already or is an on/off flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if ("default" in text or flag or action.default is argparse.SUPPRESS or not action.option_strings
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        shown = "none" if action.default in (None, "", []) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML experiment file, e.g. configs/vgim.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set run.steps=100 (repeatable)")
+                   help="override a config value, e.g. --set run.steps=100 (repeatable; keys: vgim config --keys)")
+
+
+def check_ray_address(address: str) -> None:
+    """Fail in seconds, naming the address, when no Ray cluster listens there (``ray.init`` would wait minutes)."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"malformed Ray address {address!r}", "--address", "give HOST:PORT, e.g. 127.0.0.1:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(f"no Ray cluster answers at {hostport} ({e.strerror or e})", "--address",
+                        "start one with `ray start --head`, or check the address (the head's port, 6379 "
+                        "by default)") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.address:
+        check_ray_address(args.address)
     from vgim_dist.launch import train  # noqa: PLC0415
     from vgim_dist.train.loop import Interrupted  # noqa: PLC0415
 
-    cfg = load_config(args.config, args.overrides)
     try:
         summary = train(cfg, resume=args.resume, address=args.address)
     except Interrupted as e:
@@ -32,9 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     from vgim_dist.model import describe  # noqa: PLC0415
 
-    cfg = load_config(args.config, args.overrides)
     rows = describe(cfg.model, args.samples or cfg.data.crop)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -77,30 +118,34 @@ def cmd_config(args: argparse.Namespace) -> int:
             print(f"{key:<28} {kind:<32} {default:<16} {doc}")
         return 0
     if not args.config:
-        print("vgim config: give a CONFIG file, or --keys for the reference of every key", file=sys.stderr)
-        return 2
+        raise UserError("no config file given", "vgim config", "give a CONFIG file, or --keys for every key")
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vgim", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="vgim", formatter_class=HelpFormatter, description=(
+        "vgim-dist: greedy, module-wise self-supervised speech encoders (V-GIM, GIM, CPC), trained in one "
+        "process or as a pipeline of Ray workers. `vgim COMMAND --help` for each command."))
+    parser.add_argument("--version", action="version", version=f"vgim-dist {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also VGIM_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = sub.add_parser
 
-    p = sub.add_parser("train", help="train a config (reference or pipeline runner)")
+    p = add("train", help="train a config (reference or pipeline runner)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--address", default="", help="Ray cluster to join with run.runner=pipeline, e.g. "
                    "127.0.0.1:6379 (default: RAY_ADDRESS, else Ray starts on this machine)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("inspect", help="table of modules: parameters, frames, hop, receptive field")
+    p = add("inspect", help="table of modules: parameters, frames, hop, receptive field")
     _add_config_args(p)
     p.add_argument("--samples", type=int, default=0, help="input length in samples (default: data.crop)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per module")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("plan", help="profile each module here, then choose stages, replicas and threads")
+    p = add("plan", help="profile each module here, then choose stages, replicas and threads")
     _add_config_args(p)
     p.add_argument("--workers", type=int, default=0, help="workers the plan may use (default: "
                    "pipeline.workers, else one per GPU, else one per CPU core)")
@@ -111,38 +156,66 @@ def build_parser() -> argparse.ArgumentParser:
                    "profile in <run.dir>/plan/")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("config", help="print the resolved config, or every key with its type and default")
+    p = add("config", help="print the resolved config, or every key with its type and default")
     p.add_argument("config", nargs="?", help="YAML experiment file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
     p.add_argument("--keys", action="store_true", help="list every config key: type, range, default, meaning")
     p.set_defaults(func=cmd_config)
 
     from vgim_dist.data.cli import add_data_commands  # noqa: PLC0415
-
-    add_data_commands(sub)
-
+    from vgim_dist.eval.cli import add_eval_commands  # noqa: PLC0415
     from vgim_dist.tracking.cli import add_tracking_commands  # noqa: PLC0415
 
+    add_data_commands(sub)
     add_tracking_commands(sub)
-
-    from vgim_dist.eval.cli import add_eval_commands  # noqa: PLC0415
-
     add_eval_commands(sub)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """The help formatter that shows defaults, for every subcommand at every depth."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                _show_defaults(p)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("VGIM_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"vgim: config error: {e}", file=sys.stderr)
-        return 2
-    except StorageFault as e:  # a damaged checkpoint or shard, a full disk: one line naming the file
-        print(f"vgim {args.command}: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("vgim: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the top of the CLI: one line, the traceback on request
+        if debug:
+            raise
+        print(f"vgim: {one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, (UserError, ConfigError)) else 1
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: ours as they are, others with their type and a pointer to the traceback."""
+    if isinstance(e, ConfigError):
+        return f"config error: {e}"
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, (FileExistsError, FileNotFoundError, PermissionError)):
+        return _first_line(e)     # ours name the path and the way out; the OS's name the path
+    return f"{type(e).__name__}: {_first_line(e)}; rerun with --debug for the traceback"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 if __name__ == "__main__":

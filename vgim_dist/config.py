@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,7 +83,8 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = _opt("runs/default", doc="run directory: a local path or s3://bucket/prefix")
+    name: str = _opt("", doc="name in MLflow run names; '' = the config file's name")
     steps: int = _opt(1000, lo=0)
     runner: Literal["reference", "pipeline"] = "reference"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -128,12 +130,15 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = False
-    uri: str = _opt("", doc="MLflow tracking URI; '' = sqlite:///<run.dir>/mlflow.db")
+    enabled: bool = _opt(True, doc="log to MLflow; false = metrics.jsonl only")
+    uri: str = _opt("", doc="MLflow tracking URI; '' = sqlite:///<run.dir>/mlflow.db. Credentials: "
+                    "MLFLOW_TRACKING_USERNAME/PASSWORD, not the URI")
     experiment: str = "vgim"
     model_name: str = _opt("", doc="registered model name; '' = do not register")
     flush_every: int = _opt(10, lo=1, doc="metric rows a stage buffers before one log_batch request")
     retries: int = _opt(3, lo=1, doc="attempts per request to the tracking store, with exponential backoff")
+    max_pending: int = _opt(10000, lo=1, doc="metric rows a stage holds while the store is slow or away; "
+                            "beyond it the oldest are dropped (metrics.jsonl keeps every row)")
     system_metrics: bool = _opt(True, doc="CPU, memory and GPU use of the training processes as system/* "
                                 "metrics (needs psutil, and pynvml for GPUs)")
 
@@ -185,6 +190,14 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks; each message carries the numbers that broke it."""
+        for key, value in (("run.dir", self.run.dir), ("data.uri", self.data.uri)):
+            check_uri(key, value, schemes=("s3", "noise") if key == "data.uri" else ("s3",))
+        if self.tracking.uri:
+            check_uri("tracking.uri", self.tracking.uri, schemes=("http", "https", "sqlite", "databricks",
+                                                                  "postgresql", "mysql", "file"))
+            if not self.tracking.enabled:
+                raise ConfigError(f"tracking.uri is set ({redact(self.tracking.uri)}) but tracking.enabled is "
+                                  "false; drop one of them")
         n = len(self.model.modules)
         if n == 0:
             raise ConfigError("model.modules: at least one module is required")
@@ -223,6 +236,33 @@ class Config:
                 raise ConfigError(f"pipeline.replicas: {reps} needs run.runner: pipeline")
 
 
+# --------------------------------------------------------------------------------------------- URIs
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.*)$")
+_USERINFO = re.compile(r"(?<=://)([^/@\s:]*)(:[^/@\s]*)?@")     # scheme://user[:password]@host
+
+
+def check_uri(key: str, value: str, schemes: tuple[str, ...]) -> None:
+    """A local path, or ``<scheme>://...`` with a scheme from ``schemes``; ``s3:/x`` (one slash), ``s3:x``, an
+    unknown scheme and an empty value fail with the key's name instead of becoming a local folder."""
+    if not value.strip():
+        raise ConfigError(f"{key}: empty; give a local path or {schemes[0]}://...")
+    m = _SCHEME.match(value)
+    if not m or len(m.group(1)) == 1:        # a plain path (or a Windows drive letter)
+        return
+    scheme, rest = m.group(1).lower(), m.group(2)
+    if scheme not in schemes:
+        raise ConfigError(f"{key}: unsupported scheme {scheme!r} in {redact(value)!r}; expected a local path or "
+                          f"{', '.join(s + '://' for s in schemes)}")
+    if not rest.startswith("//") or (scheme not in ("sqlite", "file", "noise") and not rest[2:].strip("/")):
+        raise ConfigError(f"{key}: malformed URI {redact(value)!r}; expected {scheme}://<host or bucket>/...")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user and password of every ``scheme://user:password@host`` replaced by ``***``."""
+    return _USERINFO.sub(lambda m: "***@" if m.group(2) else m.group(0), text)
+
+
 # --------------------------------------------------------------------------------------------- parsing
 
 
@@ -242,7 +282,9 @@ def _coerce(value: Any, tp: Any, key: str, meta: dict | None = None) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}{hint}")
         return value
     if origin in (types.UnionType, typing.Union):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -361,6 +403,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for o in overrides:
         apply_override(tree, o)
     cfg = from_dict(Config, tree)
+    if not cfg.run.name and path is not None:
+        cfg.run.name = Path(path).stem
     cfg.validate()
     return cfg
 
@@ -395,4 +439,5 @@ def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, 
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    """The config as YAML, credentials in URIs redacted (it is written to run.dir and to MLflow)."""
+    return redact(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))

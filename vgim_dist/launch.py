@@ -8,16 +8,20 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import platform
+import sys
 
 import torch
 
 from vgim_dist.config import Config, dump_config
+from vgim_dist.errors import UserError
 from vgim_dist.eval.monitor import ProbeMonitor
 from vgim_dist.model import describe
 from vgim_dist.plan.auto import replanner, resolve as resolve_plan
 from vgim_dist.storage import absolute_uri, open_dir, write_bytes
-from vgim_dist.tracking import RunTracker, StageLogger
+from vgim_dist.tracking import StageLogger
+from vgim_dist.tracking.tracker import RunTracker, move_credentials_to_env
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.encoder import load_encoder
 from vgim_dist.train.loop import Interrupted
@@ -25,6 +29,40 @@ from vgim_dist.train.metrics import MetricsLog
 from vgim_dist.train.stage import configure_torch, resolve_device
 
 log = logging.getLogger(__name__)
+
+
+def check_inputs(cfg: Config) -> None:
+    """What a run needs before it starts, each failure naming its key: frames enough for InfoNCE, a run
+    directory and shards it can reach (S3 credentials included)."""
+    for r in describe(cfg.model, cfg.data.crop):
+        if r["frames"] <= cfg.model.prediction_steps:
+            need = next(n for n in range(cfg.data.crop, 100 * cfg.data.crop + 1, 160)
+                        if describe(cfg.model, n)[r["module"]]["frames"] > cfg.model.prediction_steps)
+            raise UserError(f"module {r['module']} emits {r['frames']} frames for data.crop = {cfg.data.crop} "
+                            f"samples; InfoNCE needs more than model.prediction_steps = "
+                            f"{cfg.model.prediction_steps}", "data.crop",
+                            f"set data.crop to at least {need}, or lower model.prediction_steps")
+    try:
+        fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
+        fs.exists(root)
+    except Exception as e:  # noqa: BLE001 - missing credentials, an unreachable endpoint: name the URI
+        raise UserError(f"cannot reach the run directory: {type(e).__name__}: {str(e).splitlines()[0]}",
+                        f"run.dir={cfg.run.dir}", _store_hint(cfg.run.dir)) from e
+    if cfg.data.uri != "noise://":
+        from vgim_dist.data.loader import read_manifest  # noqa: PLC0415
+        from vgim_dist.data.store import Store, StoreError  # noqa: PLC0415
+
+        try:
+            read_manifest(Store(cfg.data.uri, cfg.data.endpoint_url))
+        except StoreError as e:
+            raise UserError(str(e), f"data.uri={cfg.data.uri}", _store_hint(cfg.data.uri)) from e
+
+
+def _store_hint(uri: str) -> str:
+    if uri.startswith("s3://"):
+        return ("check the bucket, data.endpoint_url, and the S3 credentials (AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+    return "check the path; shards come from `vgim data prepare`"
 
 
 def start_step(cfg: Config, resume: bool) -> int:
@@ -35,8 +73,8 @@ def start_step(cfg: Config, resume: bool) -> int:
     latest = checkpoints.latest()
     if not resume:
         if latest is not None:
-            raise FileExistsError(f"run.dir {cfg.run.dir} already holds checkpoints (latest step {latest}); "
-                                  "pass --resume to continue it or choose another run.dir")
+            raise FileExistsError(f"the run directory already holds checkpoints up to step {latest} "
+                                  f"(run.dir={cfg.run.dir}); pass --resume to continue it, or choose another run.dir")
         return 0
     if latest is None:
         fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
@@ -72,6 +110,8 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
     names the run directory (absolute) and the thread count of each stage.
     ``address``: the Ray cluster a pipeline joins (default: a submitted job's, else one started here)."""
     cfg = absolute_paths(cfg)
+    move_credentials_to_env(cfg)   # before the config is written, logged or sent to a worker
+    check_inputs(cfg)              # a bad value or an unreachable store, named, before anything is written
     start = start_step(cfg, resume)
     cfg, plan = resolve_plan(cfg)       # pipeline.stages / replicas: auto -> a plan for this hardware
     cfg.run.threads = cfg.run.threads or default_threads(cfg)  # part of the run's numbers: in config.yaml
@@ -80,11 +120,6 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
     if cfg.run.runner == "reference":
         configure_torch(cfg.run, device)
     rows = describe(cfg.model, cfg.data.crop)
-    for r in rows:
-        if r["frames"] <= cfg.model.prediction_steps:
-            raise ValueError(f"module {r['module']} emits {r['frames']} frames for data.crop = {cfg.data.crop} "
-                             f"samples; InfoNCE needs more than model.prediction_steps = "
-                             f"{cfg.model.prediction_steps}")
     fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
     write_bytes(fs, f"{root}/config.yaml", dump_config(cfg).encode())
 
@@ -103,6 +138,9 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
         try:
             if cfg.run.runner == "pipeline":
                 from vgim_dist.pipeline.runner import PipelineRunner  # noqa: PLC0415 - Ray only when asked for
+
+                if not sys.stderr.isatty():   # Ray colours its workers' log prefixes: not in a log file
+                    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
                 refs = [tracker.stage_ref(s) for s in range(len(cfg.stage_modules()))]
                 summary = PipelineRunner(cfg, refs, address, replanner(cfg, plan), monitor).run(start)

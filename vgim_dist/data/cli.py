@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from vgim_dist.data import readers
-from vgim_dist.data.audio import SAMPLE_RATE
-from vgim_dist.data.prepare import PrepareError, prepare, verify
-from vgim_dist.data.store import Store, StoreError
-from vgim_dist.data.synth import ENGINES, synth_deboer, synth_librispeech
+from vgim_dist.config import ConfigError, check_uri
+from vgim_dist.errors import UserError
+
+
+ENGINES = "espeak-ng,flite,festival"  # vgim_dist.data.synth.ENGINES, named here so that help needs no torch
 
 
 def _engines(value: str) -> tuple[str, ...]:
@@ -19,6 +19,8 @@ def _engines(value: str) -> tuple[str, ...]:
 
 
 def _synth_deboer(a: argparse.Namespace) -> int:
+    from vgim_dist.data.synth import synth_deboer  # noqa: PLC0415 - heavy imports only for the command that runs
+
     counts = synth_deboer(Path(a.out), words=a.words, voices_n=a.voices, takes=a.takes, second_takes=a.second_takes,
                           difficulty=a.difficulty, engines=_engines(a.engines), seed=a.seed,
                           published_naming=a.published_naming)
@@ -27,6 +29,8 @@ def _synth_deboer(a: argparse.Namespace) -> int:
 
 
 def _synth_librispeech(a: argparse.Namespace) -> int:
+    from vgim_dist.data.synth import synth_librispeech  # noqa: PLC0415
+
     counts = synth_librispeech(Path(a.out), speakers=a.speakers, utterances=a.utterances, difficulty=a.difficulty,
                                engines=_engines(a.engines), seed=a.seed, disjoint_speakers=a.disjoint_speakers)
     print(f"wrote {counts} to {a.out}")
@@ -34,13 +38,21 @@ def _synth_librispeech(a: argparse.Namespace) -> int:
 
 
 def _prepare(a: argparse.Namespace) -> int:
+    from vgim_dist.data import readers  # noqa: PLC0415
+    from vgim_dist.data.audio import SAMPLE_RATE  # noqa: PLC0415
+    from vgim_dist.data.prepare import MANIFEST, PrepareError, prepare  # noqa: PLC0415
+    from vgim_dist.data.store import Store, StoreError  # noqa: PLC0415
+
     src = Path(a.src)
     if a.workers < 0:
         print(f"error: --workers must be 0 or more, got {a.workers}", file=sys.stderr)
         return 2
     if not src.is_dir():
-        print(f"error: no corpus folder {src}", file=sys.stderr)
-        return 2
+        raise UserError("no corpus folder", str(src), "give the folder that holds the corpus")
+    try:
+        check_uri("--out", a.out, schemes=("s3",))
+    except ConfigError as e:
+        raise UserError(str(e), "vgim data prepare", "give a local folder or s3://bucket/prefix") from None
     if a.format == "librispeech":
         corpus = readers.librispeech(src, split_dir=a.split_dir and Path(a.split_dir),
                                      phones=a.phones and Path(a.phones))
@@ -53,20 +65,29 @@ def _prepare(a: argparse.Namespace) -> int:
         m = prepare(corpus, Store(a.out, a.endpoint_url), shard_size=a.shard_size,
                     min_samples=max(1, round(a.min_seconds * SAMPLE_RATE)), workers=a.workers, address=a.address)
     except (StoreError, PrepareError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserError(str(e), str(src), "check the corpus folder, --format and --out") from e
     splits = {k: v["utterances"] for k, v in m["splits"].items()}
+    if m["skipped"]:  # every skip is in the manifest; name the first few here
+        shown = m["skipped"][:5]
+        print(f"skipped {len(m['skipped'])} files (all listed under \"skipped\" in {a.out.rstrip('/')}/{MANIFEST}):",
+              file=sys.stderr)
+        for s in shown:
+            print(f"  {s.get('path', s.get('id'))}: {s['reason']}", file=sys.stderr)
+        if len(m["skipped"]) > len(shown):
+            print(f"  ... and {len(m['skipped']) - len(shown)} more", file=sys.stderr)
     print(json.dumps({"out": a.out, "utterances": splits, "audio_seconds": round(m["audio_seconds"], 1),
                       "skipped": len(m["skipped"]), "duplicate_ids": len(m["duplicate_ids"]), "fixes": m["fixes"]}))
     return 0
 
 
 def _verify(a: argparse.Namespace) -> int:
+    from vgim_dist.data.prepare import PrepareError, verify  # noqa: PLC0415
+    from vgim_dist.data.store import Store, StoreError  # noqa: PLC0415
+
     try:
         n, bad = verify(Store(a.uri, a.endpoint_url), log=lambda _line: None)
     except (StoreError, PrepareError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserError(str(e), a.uri, "check the URI and --endpoint-url") from e
     for line in bad:
         print(line, file=sys.stderr)
     print(f"{n} shards verified in {a.uri}: " + (f"{len(bad)} damaged or missing" if bad else "all intact"))
@@ -78,12 +99,13 @@ def add_data_commands(subparsers) -> None:
     data = subparsers.add_parser("data", help="synthesise corpora, prepare shards")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
-    synth = dsub.add_parser("synth", help="synthetic speech corpora from espeak-ng").add_subparsers(
+    synth = dsub.add_parser("synth", help="synthetic speech corpora from three speech engines").add_subparsers(
         dest="corpus", required=True)
+
     def variability(p: argparse.ArgumentParser) -> None:
         p.add_argument("--difficulty", type=float, default=1.0, help="scales pitch/rate jitter, noise, reverberation, "
                        "gain and silence jitter (0: clean; 1: SNR 10-20 dB, half the clips reverberant; docs/data.md)")
-        p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated speech engines to draw voices from")
+        p.add_argument("--engines", default=ENGINES, help="comma-separated speech engines to draw voices from")
         p.add_argument("--seed", type=int, default=0)
 
     p = synth.add_parser("deboer", help="CV-CV-CV words in the de Boer layout")
@@ -130,14 +152,3 @@ def add_data_commands(subparsers) -> None:
     p.add_argument("uri", help="local folder or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
     p.set_defaults(func=_verify)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vgim")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

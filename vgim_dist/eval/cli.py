@@ -5,28 +5,27 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 
-from vgim_dist.data.store import StoreError
-from vgim_dist.eval.decoder import LOSSES
-from vgim_dist.eval.probes import TASKS, ProbeSettings
+from vgim_dist.errors import UserError
+from vgim_dist.eval.names import LOSSES, TASKS
 
 
 def _user_errors(fn):
     """Bad input (a missing run or checkpoint, wrong shards, an unknown module) as one line and exit code 2."""
     @functools.wraps(fn)
     def wrapper(a: argparse.Namespace) -> int:
+        from vgim_dist.data.store import StoreError  # noqa: PLC0415
+
         try:
             return fn(a)
         except (FileNotFoundError, ValueError, StoreError) as e:
-            print(f"vgim {a.command}: {e}", file=sys.stderr)
-            return 2
+            raise UserError(str(e), f"vgim {a.command}", "check the run directory and --data") from e
     return wrapper
 
 
 @_user_errors
 def _probe(a: argparse.Namespace) -> int:
-    from vgim_dist.eval.probes import probe_run  # noqa: PLC0415
+    from vgim_dist.eval.probes import ProbeSettings, probe_run  # noqa: PLC0415
 
     settings = ProbeSettings(epochs=a.epochs, lr=a.lr or (1e-4 if a.task == "phones" else 1e-3),
                              batch_size=a.batch_size, standardize=a.standardize, features=a.features, pool=a.pool,

@@ -25,6 +25,7 @@ import torchaudio
 from safetensors.torch import save_file
 from torch import nn
 
+from vgim_dist.eval.names import LOSSES
 from vgim_dist.config import ModelConfig
 from vgim_dist.data.audio import SAMPLE_RATE
 from vgim_dist.data.loader import iter_utterances
@@ -34,7 +35,6 @@ from vgim_dist.eval.track import eval_dir, log_evaluation
 from vgim_dist.model.modules import module_geometry, out_channels
 from vgim_dist.seeding import derive_seed
 
-LOSSES = ("mse", "spectral", "mel", "mse+spectral", "mse+mel")
 N_FFT = 1024
 N_MELS = 128
 

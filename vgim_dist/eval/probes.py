@@ -20,7 +20,6 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +35,11 @@ from vgim_dist.eval.features import (
     load_run,
     split_rule,
 )
+from vgim_dist.eval.names import TASKS, Task
+from vgim_dist.progress import progress
 from vgim_dist.eval.track import eval_dir, log_evaluation
 from vgim_dist.seeding import derive_seed
 
-Task = Literal["syllables", "vowels", "speakers", "phones"]
-TASKS: tuple[Task, ...] = ("syllables", "vowels", "speakers", "phones")
 PHONE_CLASSES = 41
 PHONE_HOP = 160  # converted_aligned_phones.txt: one label per 10 ms at 16 kHz
 FEW_LABELS = tuple(2 ** k for k in range(8))  # 1, 2, 4, ... 128 labelled examples per class
@@ -268,7 +267,7 @@ def probe_run(run_dir: str, task: Task, data: str, modules: list[int] | None = N
               "protocol": settings.protocol(), "train_split": train_split, "test_split": test_split,
               "features": mode, "classes": classes, "settings": asdict(settings), "repeats": repeats,
               "seed": seed, "modules": {}}
-    for m in modules:
+    for m in progress(modules, f"probe {task}", unit="module"):
         entry = _probe_module(task, m, train, test, classes, data, settings, repeats, seed, few_labels)
         if "step0" in feats:
             entry["step0"] = {"accuracy": _probe_module(task, m, *feats["step0"], classes, data, settings, repeats,

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from vgim_dist.config import Config, load_config, to_dict
+from vgim_dist.progress import progress
 from vgim_dist.eval import plots
 from vgim_dist.eval.track import eval_dir, log_evaluation
 from vgim_dist.train.checkpoint import CheckpointManager
@@ -340,7 +341,8 @@ def build_report(run_dirs: list[str], out: Path | None = None, tsne: bool = True
     plot_dir = out.parent / f"{out.stem}-plots"
     compare_html, compare_md = _comparison_section(groups, runs, plot_dir)
     body = [f"<h1>vgim report</h1><p class='note'>{len(runs)} runs, generated {time.strftime('%Y-%m-%d %H:%M')}</p>",
-            _runs_section(runs), compare_html, *[_run_section(r, tsne) for r in runs]]
+            _runs_section(runs), compare_html,
+            *[_run_section(r, tsne) for r in progress(runs, "report", unit="run")]]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>vgim report</title>"
                    f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")

@@ -133,6 +133,14 @@ def module_geometry(spec: ModuleConfig, model: ModelConfig) -> list[tuple[int, i
     return ops
 
 
+def loss_terms(model: ModelConfig, index: int) -> tuple[str, ...]:
+    """The loss terms module ``index`` reports: its KL only where it is not 0 by construction (a Gaussian
+    head of a variational model; never a GRU or a GIM module)."""
+    spec = model.modules[index]
+    gaussian = bool(spec.layers) and not spec.autoregressor
+    return ("nce", "kl", "loss") if gaussian and model.variational else ("nce", "loss")
+
+
 def out_channels(model: ModelConfig, index: int) -> int:
     """Channels module ``index`` emits (index -1: the raw waveform's single channel)."""
     return 1 if index < 0 else (model.modules[index].autoregressor or model.channels)

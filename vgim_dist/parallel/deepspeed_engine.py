@@ -9,6 +9,8 @@ partition (``module-<i>.zero-<r>.safetensors``), so a ZeRO checkpoint resumes wi
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -68,9 +70,23 @@ def engine_config(cfg: Config, device: torch.device) -> dict:
     }
 
 
+def announce_op_build() -> bool:
+    """Say so when DeepSpeed is about to JIT-compile its C++ ops (a minute or two, silent otherwise): no
+    compiled op in torch's extension cache yet. True when it said so."""
+    from torch.utils.cpp_extension import get_default_build_root  # noqa: PLC0415
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    if root.is_dir() and any(root.rglob("*.so")):
+        return False
+    print(f"compiling DeepSpeed ops (once, 1-2 minutes; cached in {root}, set TORCH_EXTENSIONS_DIR to keep "
+          "it elsewhere)", file=sys.stderr, flush=True)
+    return True
+
+
 def build_engines(cfg: Config, modules: nn.ModuleList, optimizers: list[torch.optim.Optimizer],
                   device: torch.device, data_group: dist.ProcessGroup | None) -> list:
     """Wrap each module and its Adam in a DeepSpeed engine over ``data_group`` (a group of one if None)."""
+    announce_op_build()
     import deepspeed  # noqa: PLC0415 - optional dependency, imported only for engine: deepspeed
 
     if not dist.is_initialized():

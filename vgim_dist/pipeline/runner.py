@@ -96,6 +96,8 @@ class PipelineRunner:
                 address = self.address or os.environ.get("RAY_ADDRESS", "")
                 if not address:
                     torch_config = stack.enter_context(local_only_ray())
+                log.info("Ray: %s", f"joining the cluster at {address}" if address else
+                         "starting a local instance (10-30 s: its GCS, raylet and dashboard)")
                 ray.init(address=address or "local")   # never attach to another Ray session by chance
                 stack.callback(ray.shutdown)
             step = self.fit_elastic(start, torch_config)
@@ -185,6 +187,7 @@ class PipelineRunner:
                  "in-flight window %d", stages, cfg.stage_modules(), cfg.stage_replicas(), ray.__version__,
                  resources["CPU"], f" + {resources['GPU']:g} GPU" if use_gpu else "", cfg.pipeline.placement,
                  cfg.pipeline.in_flight)
+        log.info("pipeline: waiting for Ray Train to start %d workers; each then prints its stage's steps", workers)
         with stop_on_sigint(stop):
             fit_in_thread(trainer)
         if message := ray.get(fault.get.remote()):

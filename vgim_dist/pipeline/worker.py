@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 
@@ -31,7 +32,7 @@ from vgim_dist.storage import StorageFault, open_dir, write_bytes
 from vgim_dist.tracking import StageLogger, StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.loop import LoopPolicy, Pace
-from vgim_dist.train.metrics import MetricsLog
+from vgim_dist.train.metrics import MetricsLog, eta
 from vgim_dist.train.stage import Stage, configure_torch, metric_names
 
 STAGE_STATS = ("wait_input_frac", "wait_consumer_frac", "step_time_s", "in_flight")
@@ -49,7 +50,7 @@ def see_run_dir(cfg: Config) -> None:
 
 def forwarded_names(cfg: Config, stage: int) -> list[str]:
     """The metrics stage ``stage`` appends to the vector it forwards: its `Stage`'s loss terms, then its stats."""
-    return metric_names(cfg.stage_modules()[stage]) + [f"stage.{stage}.{k}" for k in STAGE_STATS]
+    return metric_names(cfg.model, cfg.stage_modules()[stage]) + [f"stage.{stage}.{k}" for k in STAGE_STATS]
 
 
 class Batches:
@@ -245,6 +246,7 @@ class StageWorker:
         waits = Waits(self.inputs, self.output)
         unlogged = torch.zeros(len(STAGE_STATS), dtype=torch.float64, device=self.device)
         step = self.start
+        clock = (time.monotonic(), self.start)     # elapsed and ETA of this stage's progress line
         try:
             for x, upstream in self.inputs:
                 x, losses = self.stage.train_step(x)
@@ -258,7 +260,12 @@ class StageWorker:
                 if self.output:
                     self.output.send(x, vector)
                 elif pace and self.metrics:  # the last stage's pace is the pipeline's
-                    self.metrics.record(step, {**dict(zip(self.names, vector.tolist())), **pace.metrics()})
+                    self.metrics.record(step, {**dict(zip(self.names, vector.tolist())), **pace.metrics()},
+                                        prefix=f"stage {self.stage_index} " if self.last else "")
+                if pace and self.replica == 0 and self.stage_index != self.last:
+                    # Each stage's own pace (it may run up to pipeline.in_flight steps ahead of the next).
+                    print(f"stage {self.stage_index} step {step}/{self.cfg.run.steps} | "
+                          f"{eta(time.monotonic(), step, clock, self.cfg.run.steps)}", file=sys.stderr, flush=True)
                 if pace and self.tracking.ref:  # the stage's own pace, as the reference logs the job's
                     self.tracking.log(step, {**dict(zip(self.own, mine.tolist())), **pace.metrics()})
                 policy.checkpoint(step)

@@ -1,27 +1,35 @@
-"""Worker side of tracking: a stage's metrics, buffered and sent to its MLflow child run in batches.
+"""Worker side of tracking: a stage's metrics, sent to its MLflow child run by a background thread.
 
 `StageLogger` runs wherever a stage trains (the driver for the reference runner, a Ray worker for the
-pipeline). It never raises into training: a store that is down or locked costs a few retries per flush,
-the rows stay buffered, and the next flush sends them.
+pipeline). The training thread only puts rows into a bounded queue; a sender thread batches them into
+``log_batch`` requests, and samples the process's CPU, memory and GPU. A store that is down, locked or hung
+(accepts connections and never answers) never slows a step: rows wait in the queue, the oldest are dropped
+when it is full, and the counters say how many were sent late or dropped (``metrics.jsonl`` has them all).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-if TYPE_CHECKING:  # mlflow takes a second or two to import: only when tracking is on
+from vgim_dist.config import redact
+
+if TYPE_CHECKING:  # mlflow takes a second or two to import: only when tracking is on, and off the training thread
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LAST_STEP_TAG = "vgim.last_step"  # the newest step a run holds; written with the metrics, read on restart
+HTTP_TIMEOUT_S = 10               # per request to a tracking server (MLflow's default is 120 s)
+FLUSH_S = 5.0                     # a row waits at most this long for its batch: the UI stays live
+SYSTEM_EVERY_S = 10.0             # process CPU, memory and GPU samples
 _MAX_METRICS = 999                # MLflow's log_batch limit is 1000 entities; one slot for the tag
 
 
@@ -31,19 +39,24 @@ class StageRef:
 
     tracking_uri: str
     run_id: str
-    stage: int
+    stage: int            # -1: the job's parent run (system metrics of the reference runner's process)
     flush_every: int
     retries: int
     system_metrics: bool  # sample this process's CPU/GPU into the run
+    max_pending: int = 10_000
+
+    @property
+    def name(self) -> str:
+        return "job" if self.stage < 0 else f"stage {self.stage}"
 
 
 def client(uri: str) -> MlflowClient:
     """An MlflowClient whose HTTP requests fail fast: our own retries wrap whole batches, and MLflow's
-    default (7 retries, exponential backoff, 120 s timeout) would stall a training step for minutes."""
+    default (7 retries, exponential backoff, 120 s timeout) would hold a batch for minutes."""
     from mlflow import MlflowClient  # noqa: PLC0415
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
     return MlflowClient(uri)
 
 
@@ -58,18 +71,6 @@ def retry(fn: Callable[[], T], attempts: int, what: str) -> T:
     return fn()
 
 
-def start_system_metrics(uri: str, run_id: str) -> Any:
-    """A started MLflow system-metrics sampler for this process, or None where psutil is missing."""
-    if importlib.util.find_spec("psutil") is None:
-        log.warning("tracking.system_metrics: psutil is not installed, no system/* metrics")
-        return None
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: PLC0415
-
-    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
-    monitor.start()
-    return monitor
-
-
 def stage_metrics(row: Mapping[str, float], module_ids: list[int]) -> dict[str, float]:
     """The part of a whole-job metrics row that belongs to one stage: its modules' ``module.<i>.*`` keys
     and every key that names no module (step time, throughput)."""
@@ -77,90 +78,209 @@ def stage_metrics(row: Mapping[str, float], module_ids: list[int]) -> dict[str, 
     return {k: v for k, v in row.items() if k != "step" and (k.startswith(own) or not k.startswith("module."))}
 
 
+class ProcessSampler:
+    """This process's CPU share, resident memory and, where it trains on a GPU, that GPU's utilisation and
+    memory: the ``system/*`` metrics of the run it logs to."""
+
+    def __init__(self):
+        import psutil  # noqa: PLC0415
+
+        self.proc = psutil.Process()
+        self.proc.cpu_percent(None)  # the first call starts the measuring interval
+
+    def sample(self) -> dict[str, float]:
+        values = {"system/process_cpu_percent": self.proc.cpu_percent(None),
+                  "system/process_rss_mb": self.proc.memory_info().rss / 2**20}
+        import torch  # noqa: PLC0415 - imported already by whoever trains
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            device = torch.cuda.current_device()
+            values["system/gpu_memory_reserved_mb"] = torch.cuda.memory_reserved(device) / 2**20
+            try:
+                values["system/gpu_utilization_percent"] = float(torch.cuda.utilization(device))
+            except Exception:  # noqa: BLE001 - needs pynvml (or amdsmi); memory alone then
+                pass
+        return values
+
+
 @dataclass
 class _Row:
     step: int
     timestamp_ms: int
     values: dict[str, float]
+    system: bool = False  # a system sample: not subject to the last-step rule, does not move the tag
+    failed: int = field(default=0, compare=False)  # send attempts that failed
+
+
+@dataclass
+class _Tags:
+    tags: dict[str, str]
+
+
+_STOP = object()
 
 
 class StageLogger:
-    """``log(step, values)`` buffers a row; every ``flush_every`` rows, and at ``close()``, the buffer goes to
-    the stage's run in `MlflowClient.log_batch` requests. With ``ref=None`` (tracking off) it does nothing.
+    """``log(step, values)`` queues a row and returns at once; a sender thread sends rows every
+    ``flush_every`` rows or every few seconds, and at ``close()``. With ``ref=None`` (tracking off) it does
+    nothing.
 
     Steps at or below the run's ``vgim.last_step`` tag are dropped, so a stage restarted from an older
     checkpoint than it had logged (a Ray Train group restart, a ``--resume``) never logs a step twice.
+    ``counters`` (sent, delayed: sent after a failed attempt, dropped) say what the store cost.
     """
 
     def __init__(self, ref: StageRef | None):
         self.ref = ref
-        self.pending: list[_Row] = []
-        self._last_step: int | None = None  # read from the run on the first flush
-        self._failing = False
-        self._client = client(ref.tracking_uri) if ref else None
-        self._monitor = start_system_metrics(ref.tracking_uri, ref.run_id) if ref and ref.system_metrics else None
+        self.counters = {"sent": 0, "delayed": 0, "dropped": 0}
+        self.pending: list[_Row] = []     # the sender's rows not yet acknowledged by the store
+        self._queue: queue.Queue = queue.Queue(maxsize=ref.max_pending if ref else 1)
+        self._lock = threading.Lock()     # counters are written by both threads
+        self._last_step: int | None = None
+        self._latest = 0                  # newest step seen: system samples are logged at it
+        self._failing_since: float | None = None
+        self._warned_drop = False
+        self._thread: threading.Thread | None = None
+        if ref is not None:
+            self._thread = threading.Thread(target=self._run, name=f"tracking-{ref.name}", daemon=True)
+            self._thread.start()
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
-        """Buffer one row; ``values`` are floats or 0-dim tensors (converted here, so log only every few steps)."""
+        """Queue one row; ``values`` are floats or 0-dim tensors (converted here, so log only every few steps).
+        Never blocks: when the queue is full the row is dropped and counted."""
         if self.ref is None:
             return
-        self.pending.append(_Row(step, int(time.time() * 1000), {k: float(v) for k, v in values.items()}))
-        if len(self.pending) >= self.ref.flush_every:
-            self.flush()
+        self._put(_Row(step, int(time.time() * 1000), {k: float(v) for k, v in values.items()}))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        """Tag the stage's run (where it trains: node, device); a store that is down costs a warning only."""
-        if self.ref is None:
-            return
-        from mlflow.entities import RunTag  # noqa: PLC0415
+        """Tag the stage's run (where it trains: node, device), from the sender thread like every request; a
+        store that is down costs a warning only."""
+        if self.ref is not None:
+            self._put(_Tags(dict(tags)))
 
+    def _put(self, row: _Row | _Tags) -> None:
         try:
-            retry(lambda: self._client.log_batch(self.ref.run_id, tags=[RunTag(k, v) for k, v in tags.items()]),
-                  self.ref.retries, "set_tags")
-        except Exception as e:  # noqa: BLE001 - tracking must never stop training
-            log.warning("tracking: stage %d could not tag its run on %s (%s)", self.ref.stage,
-                        self.ref.tracking_uri, e)
-
-    def flush(self) -> bool:
-        """Send what is buffered; True when nothing is left. Failures keep the rows and warn once per outage."""
-        if self.ref is None or not self.pending:
-            return True
-        try:
-            if self._last_step is None:
-                self._last_step = self._read_last_step()
-            self.pending = [r for r in self.pending if r.step > self._last_step]
-            while self.pending:
-                n = max(1, _MAX_METRICS // max(len(r.values) for r in self.pending))
-                self._send(self.pending[:n])
-                self._last_step = self.pending[:n][-1].step
-                del self.pending[:n]
-        except Exception as e:  # noqa: BLE001 - tracking must never stop training
-            if not self._failing:
-                log.warning("tracking: stage %d could not reach %s (%s); keeping %d metric rows buffered",
-                            self.ref.stage, self.ref.tracking_uri, e, len(self.pending))
-            self._failing = True
-            return False
-        if self._failing:
-            log.info("tracking: stage %d reached %s again", self.ref.stage, self.ref.tracking_uri)
-            self._failing = False
-        return True
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self._dropped(1, "queue full")
 
     def close(self) -> None:
-        """Flush, stop the system-metrics sampler; rows that still cannot be sent are reported, not raised."""
-        if self.ref is None:
+        """Send what is queued (waiting at most one request timeout plus the retries' backoff), stop the
+        sender; rows that could not be sent are reported with their counts, never raised."""
+        if self.ref is None or self._thread is None:
             return
-        if not self.flush():
-            log.warning("tracking: stage %d lost %d metric rows (steps %d..%d); they are in metrics.jsonl",
-                        self.ref.stage, len(self.pending), self.pending[0].step, self.pending[-1].step)
-        if self._monitor is not None:
-            self._monitor.finish()
-            self._monitor = None
+        try:
+            self._queue.put(_STOP, timeout=1)
+        except queue.Full:  # a full queue behind a hung store: the sender sees the flag instead
+            pass
+        self._stop = True
+        self._thread.join(timeout=HTTP_TIMEOUT_S + 2 ** self.ref.retries)
+        self._thread = None
+        unsent = self.pending + [r for r in _drain(self._queue) if isinstance(r, _Row)]
+        if unsent:
+            self._dropped(len(unsent), "")
+        c = self.counters
+        if c["delayed"] or c["dropped"]:
+            log.warning("tracking: %s sent %d metric rows to %s, %d of them late, and dropped %d; "
+                        "metrics.jsonl has every row", self.ref.name, c["sent"], redact(self.ref.tracking_uri),
+                        c["delayed"], c["dropped"])
 
     def __enter__(self) -> StageLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------------------------------------------- sender thread
+
+    _stop = False
+
+    def _run(self) -> None:
+        ref = self.ref
+        try:
+            self._client = client(ref.tracking_uri)
+            sampler = ProcessSampler() if ref.system_metrics else None
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            log.warning("tracking: %s cannot log to %s (%s)", ref.name, redact(ref.tracking_uri), e)
+            self._stop = True
+            return
+        last_flush = next_sample = time.monotonic()
+        stopping = False
+        while True:
+            now = time.monotonic()
+            wait = max(0.0, min(last_flush + FLUSH_S, next_sample if sampler else now + FLUSH_S) - now)
+            if not stopping:
+                for item in _drain(self._queue, timeout=wait):
+                    if item is _STOP:
+                        stopping = True
+                    elif isinstance(item, _Tags):
+                        self._send_tags(item.tags)
+                    else:
+                        self.pending.append(item)
+                        self._latest = max(self._latest, item.step)
+            stopping = stopping or self._stop
+            now = time.monotonic()
+            if sampler and (now >= next_sample or stopping):
+                self.pending.append(_Row(self._latest, int(time.time() * 1000), sampler.sample(), system=True))
+                next_sample = now + SYSTEM_EVERY_S
+            overflow = len(self.pending) - ref.max_pending
+            if overflow > 0:  # the store is away for long: keep the newest rows
+                del self.pending[:overflow]
+                self._dropped(overflow, "queue full")
+            due = stopping or len(self.pending) >= ref.flush_every or now - last_flush >= FLUSH_S
+            if due and self.pending:
+                self._flush()
+                last_flush = time.monotonic()
+            if stopping:
+                return
+
+    def _flush(self) -> bool:
+        """Send ``pending``; True when nothing is left. A failure keeps the rows and warns once per outage."""
+        ref = self.ref
+        try:
+            if self._last_step is None:
+                self._last_step = self._read_last_step()
+            self.pending = [r for r in self.pending if r.system or r.step > self._last_step]
+            while self.pending:
+                n = max(1, _MAX_METRICS // max(len(r.values) for r in self.pending))
+                batch = self.pending[:n]
+                self._send(batch)
+                with self._lock:
+                    self.counters["sent"] += sum(not r.system for r in batch)
+                    self.counters["delayed"] += sum(bool(r.failed) and not r.system for r in batch)
+                del self.pending[:n]
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            for r in self.pending:
+                r.failed += 1
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.warning("tracking: %s cannot reach %s (%s); metric rows wait in a queue of %d, training "
+                            "goes on", ref.name, redact(ref.tracking_uri), _one_line(e), ref.max_pending)
+            return False
+        if self._failing_since is not None:
+            log.info("tracking: %s reached %s again after %.0f s", ref.name, redact(ref.tracking_uri),
+                     time.monotonic() - self._failing_since)
+            self._failing_since = None
+        return True
+
+    def _send_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag  # noqa: PLC0415
+
+        try:
+            retry(lambda: self._client.log_batch(self.ref.run_id, tags=[RunTag(k, v) for k, v in tags.items()]),
+                  self.ref.retries, "set_tags")
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            log.warning("tracking: %s could not tag its run on %s (%s)", self.ref.name, redact(self.ref.tracking_uri),
+                        _one_line(e))
+
+    def _dropped(self, n: int, why: str) -> None:
+        with self._lock:
+            self.counters["dropped"] += n
+        if why and not self._warned_drop:
+            self._warned_drop = True
+            log.warning("tracking: %s is dropping metric rows: %s is not keeping up (queue of %d full); "
+                        "metrics.jsonl has every row", self.ref.name, redact(self.ref.tracking_uri),
+                        self.ref.max_pending)
 
     def _read_last_step(self) -> int:
         run = retry(lambda: self._client.get_run(self.ref.run_id), self.ref.retries, "get_run")
@@ -171,6 +291,31 @@ class StageLogger:
 
         metrics = [Metric(k, v, r.timestamp_ms, r.step) for r in rows for k, v in r.values.items()]
         # The tag travels in the same request, so the run's metrics and its last step agree.
-        tags = [RunTag(LAST_STEP_TAG, str(rows[-1].step))]
+        steps = [r.step for r in rows if not r.system]
+        tags = [RunTag(LAST_STEP_TAG, str(max(steps)))] if steps else []
         retry(lambda: self._client.log_batch(self.ref.run_id, metrics=metrics, tags=tags),
               self.ref.retries, "log_batch")
+        if steps:
+            self._last_step = max(steps)
+
+
+def start_system_metrics(uri: str, run_id: str, retries: int = 3) -> StageLogger:
+    """A sampler of this process's CPU, memory and GPU into run ``run_id``; ``.close()`` stops it."""
+    return StageLogger(StageRef(uri, run_id, -1, 1, retries, True))
+
+
+def _drain(q: queue.Queue, timeout: float = 0.0) -> list:
+    """Everything in ``q``, waiting up to ``timeout`` s for the first item."""
+    items = []
+    try:
+        items.append(q.get(timeout=timeout) if timeout > 0 else q.get_nowait())
+        while True:
+            items.append(q.get_nowait())
+    except queue.Empty:
+        pass
+    return items
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

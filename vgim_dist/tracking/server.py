@@ -8,7 +8,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import IO
+
+
+def embedded_uri(run_dir: str) -> str:
+    """The default store: a SQLite file in the run directory."""
+    return f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import re
 import subprocess
@@ -21,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vgim_dist.config import Config, ConfigError, dump_config, to_dict
+from vgim_dist.config import Config, ConfigError, dump_config, redact, to_dict
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking.figures import loss_figures
 from vgim_dist.tracking.logger import StageRef, client, start_system_metrics
+from vgim_dist.tracking.server import embedded_uri
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,35 @@ _BATCH = 100                                            # MLflow's limit on para
 _PACKAGES = ("vgim-dist", "torch", "torchaudio", "numpy", "mlflow", "ray", "deepspeed")
 
 
-def embedded_uri(run_dir: str) -> str:
-    """The default store: a SQLite file in the run directory."""
-    return f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the training runs
+
+
+def move_credentials_to_env(cfg: Config) -> None:
+    """Take ``user:password@`` out of ``tracking.uri`` and into MLFLOW_TRACKING_USERNAME/PASSWORD (where those
+    are not set already), so that no file, log line, MLflow param or Ray worker ever holds the password."""
+    uri = cfg.tracking.uri
+    if redact(uri) == uri:
+        return
+    scheme, rest = uri.split("://", 1)
+    userinfo, host = rest.split("@", 1)
+    user, _, password = userinfo.partition(":")
+    from urllib.parse import unquote  # noqa: PLC0415
+
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(user))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(password))
+    cfg.tracking.uri = f"{scheme}://{host}"
+    log.info("tracking: credentials taken from tracking.uri into MLFLOW_TRACKING_USERNAME/PASSWORD; set those "
+             "in the environment instead of the URI")
+
+
+def run_names(cfg: Config) -> tuple[str, list[str]]:
+    """Names that tell twenty runs apart: ``vgim-thesis V-GIM s3 pipeline`` and ``stage-1 (M1-M3)``."""
+    method = "CPC" if len(cfg.model.modules) == 1 else "V-GIM" if cfg.model.variational else "GIM"
+    parts = [cfg.run.name, method, f"s{cfg.seed}", cfg.run.runner]
+    if cfg.run.name.lower().replace("-", "").startswith(method.lower().replace("-", "")):
+        parts.remove(method)
+    stages = [f"stage-{s} (M{m[0]}" + (f"-M{m[-1]})" if len(m) > 1 else ")") for s, m in enumerate(cfg.stage_modules())]
+    return " ".join(p for p in parts if p), stages
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -122,7 +150,7 @@ class RunTracker:
             return cls._open(cfg, uri, resume)
         except Exception as e:  # noqa: BLE001 - an unreachable store must not stop training
             log.warning("tracking: cannot use %s (%s); training without MLflow, metrics stay in metrics.jsonl",
-                        uri, e)
+                        redact(uri), str(e).splitlines()[0] if str(e) else type(e).__name__)
             return cls(cfg)
 
     @classmethod
@@ -131,10 +159,11 @@ class RunTracker:
         fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
         ids_file = f"{root}/mlflow.json"
         saved = json.loads(fs.cat_file(ids_file)) if resume and fs.exists(ids_file) else {}
-        if saved.get("tracking_uri") != uri:
+        if saved.get("tracking_uri") != redact(uri):
             saved = {}
         params = flat_params(to_dict(cfg))
         stages = cfg.stage_modules()
+        names = run_names(cfg)
         tags = {**environment_tags(), "topology.runner": cfg.run.runner, "topology.stages": json.dumps(stages),
                 "topology.device": cfg.run.device, "topology.gpus_visible": str(torch.cuda.device_count())}
 
@@ -146,14 +175,17 @@ class RunTracker:
             tags.update({f"resume.{k}": v for k, v in params.items() if k in logged and logged[k] != v})
             params = {k: v for k, v in params.items() if k not in logged}
             c.update_run(parent, status="RUNNING")
-            log.info("tracking: resuming MLflow run %s at %s", parent, uri)
+            log.info("tracking: resuming MLflow run %s at %s", parent, redact(uri))
         else:
             exp = c.get_experiment_by_name(cfg.tracking.experiment)
             location = None if cfg.tracking.uri else (Path(cfg.run.dir).resolve() / "mlartifacts").as_uri()
-            exp_id = exp.experiment_id if exp else c.create_experiment(cfg.tracking.experiment, location)
-            parent = c.create_run(exp_id, run_name=Path(cfg.run.dir).name,
+            exp_id = exp.experiment_id if exp else c.create_experiment(cfg.tracking.experiment, location,
+                                                                      tags=EXPERIMENT_KIND)
+            if exp and "mlflow.experimentKind" not in exp.tags:
+                c.set_experiment_tag(exp_id, *next(iter(EXPERIMENT_KIND.items())))
+            parent = c.create_run(exp_id, run_name=names[0],
                                   tags={"mlflow.source.name": "vgim train", "vgim.run_dir": cfg.run.dir}).info.run_id
-            log.info("tracking: MLflow run %s at %s", parent, uri)
+            log.info("tracking: MLflow run %s (%s) at %s", parent, names[0], redact(uri))
         _log_batch(c, parent, params, tags)
         c.log_text(parent, dump_config(cfg), "config.yaml")
 
@@ -165,12 +197,15 @@ class RunTracker:
                 c.update_run(run_id, status="RUNNING")
             else:
                 stage_tags = {"mlflow.parentRunId": parent, "vgim.stage": str(s), "vgim.modules": json.dumps(modules)}
-                run_id = c.create_run(exp_id, run_name=f"stage-{s}", tags=stage_tags).info.run_id
+                run_id = c.create_run(exp_id, run_name=names[1][s], tags=stage_tags).info.run_id
             stage_ids.append(run_id)
         write_bytes(fs, ids_file, json.dumps({
-            "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
+            "tracking_uri": redact(uri), "experiment_id": exp_id, "parent_run_id": parent,
             "stages": [{"modules": m, "run_id": r} for m, r in zip(stages, stage_ids)]}, indent=1).encode())
-        monitor = start_system_metrics(uri, parent) if cfg.tracking.system_metrics else None
+        # The reference runner trains in this process: its samples go to the parent run. Pipeline stages
+        # sample their own worker processes into their child runs.
+        sample_here = cfg.tracking.system_metrics and cfg.run.runner == "reference"
+        monitor = start_system_metrics(uri, parent, cfg.tracking.retries) if sample_here else None
         return cls(cfg, uri, parent, stage_ids, monitor)
 
     def stage_ref(self, stage: int) -> StageRef | None:
@@ -181,7 +216,7 @@ class RunTracker:
         # The reference runner trains every stage in the driver, whose parent run already samples it.
         own_process = self.cfg.run.runner != "reference"
         return StageRef(self.uri, self.stage_ids[stage], stage, t.flush_every, t.retries,
-                        t.system_metrics and own_process)
+                        t.system_metrics and own_process, t.max_pending)
 
     def parent_ref(self) -> StageRef | None:
         """The parent run as a `StageRef`, for what belongs to the whole job (the background evaluator's
@@ -251,13 +286,13 @@ class RunTracker:
         self._ended = True
         try:
             if self._monitor is not None:
-                self._monitor.finish()
+                self._monitor.close()
                 self._monitor = None
             c = client(self.uri)
             for run_id in [*self.stage_ids, self.parent_id]:
                 c.set_terminated(run_id, status)
         except Exception as e:  # noqa: BLE001
-            log.warning("tracking: could not end MLflow run %s (%s)", self.parent_id, e)
+            log.warning("tracking: could not end MLflow run %s (%s)", self.parent_id, str(e).splitlines()[0])
 
     def __enter__(self) -> RunTracker:
         return self

@@ -5,15 +5,20 @@ from __future__ import annotations
 import bisect
 import json
 import sys
+import time
 
 import torch
 
-from vgim_dist.storage import open_dir, read_bytes, write_bytes
+from vgim_dist.storage import is_local, open_dir, read_bytes, write_bytes
 
 
 class MetricsLog:
-    """Rows of ``{"step": N, "<name>": value, ...}``; on resume, rows past the checkpoint are dropped so that
-    no step appears twice."""
+    """Rows of ``{"step": N, "<name>": value, ...}``, on storage within seconds of being recorded: appended at
+    every logged step on a local disk, rewritten at most every ``REMOTE_FLUSH_S`` on an object store, and
+    whole at every checkpoint. On resume (and a pipeline's recovery), rows past the restored checkpoint are
+    dropped from memory and from the file, so that no step appears twice."""
+
+    REMOTE_FLUSH_S = 5.0
 
     def __init__(self, run_dir: str, total_steps: int, endpoint_url: str = "", stream=sys.stderr):
         self.fs, root = open_dir(run_dir, endpoint_url)
@@ -21,19 +26,33 @@ class MetricsLog:
         self.total = total_steps
         self.stream = stream
         self.rows: list[dict] = []
+        self._written: int | None = 0     # rows of ``rows`` already in the file; None: rewrite it whole
+        self._flushed_at = time.monotonic()
+        self._clock = (time.monotonic(), 0)   # (time, step) the run started at: elapsed and ETA
 
     def resume(self, step: int) -> None:
+        self._clock = (time.monotonic(), step)
         try:
-            text = read_bytes(self.fs, self.path).decode()
+            lines = read_bytes(self.fs, self.path).decode().splitlines()
         except FileNotFoundError:
             return
-        self.rows = [r for r in map(json.loads, filter(None, text.splitlines())) if r["step"] <= step]
+        rows = [json.loads(line) for line in lines[:-1] if line]
+        try:            # the last line may be cut short by a crash in the middle of an append
+            rows += [json.loads(lines[-1])] if lines and lines[-1] else []
+        except json.JSONDecodeError:
+            pass
+        self.rows = [r for r in rows if r["step"] <= step]
+        self._written = len(self.rows) if len(self.rows) == len(lines) else None
 
-    def record(self, step: int, values: dict[str, torch.Tensor | float]) -> dict:
+    def record(self, step: int, values: dict[str, torch.Tensor | float], prefix: str = "") -> dict:
         row = {"step": step, **{k: float(v) for k, v in values.items()}}
         self.rows.append(row)
-        self.stream.write(progress_line(row, self.total) + "\n")
+        now = time.monotonic()
+        self.stream.write(prefix + progress_line(row, self.total) + " | " + eta(now, step, self._clock, self.total)
+                          + "\n")
         self.stream.flush()
+        if is_local(self.fs) or now - self._flushed_at >= self.REMOTE_FLUSH_S:
+            self.flush()
         return row
 
     def add(self, step: int, values: dict[str, float]) -> None:
@@ -44,7 +63,28 @@ class MetricsLog:
         self.rows.insert(at, {"step": step, **values})
 
     def flush(self) -> None:
-        write_bytes(self.fs, self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        if self._written is not None and is_local(self.fs):
+            if self._written < len(self.rows):
+                self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+                with open(self.path, "a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in self.rows[self._written:]))
+        else:
+            write_bytes(self.fs, self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        self._written, self._flushed_at = len(self.rows), time.monotonic()
+
+
+def eta(now: float, step: int, clock: tuple[float, int], total: int) -> str:
+    """``0:42 elapsed, ETA 1:03``, the rate measured since ``clock`` = (time, step) the run started at."""
+    if step <= clock[1]:
+        return "0:00 elapsed"
+    rate = (now - clock[0]) / (step - clock[1])
+    return f"{_hms(now - clock[0])} elapsed, ETA {_hms(rate * (total - step))}"
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def progress_line(row: dict, total: int) -> str:

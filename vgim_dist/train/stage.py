@@ -12,17 +12,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vgim_dist.config import Config, RunConfig
-from vgim_dist.model import build_module
+from vgim_dist.config import Config, ModelConfig, RunConfig
+from vgim_dist.errors import UserError
+from vgim_dist.model import build_module, loss_terms
 from vgim_dist.parallel.data_parallel import GroupBatchNorm1d, ReplicaGroup
 from vgim_dist.seeding import derive_seed
 
-LOSS_TERMS = ("nce", "kl", "loss")
-
-
-def metric_names(module_ids: list[int]) -> list[str]:
-    """What `Stage.train_step` returns for modules ``module_ids``, in order: each module's loss terms."""
-    return [f"module.{i}.{t}" for i in module_ids for t in LOSS_TERMS]
+def metric_names(model: ModelConfig, module_ids: list[int]) -> list[str]:
+    """What `Stage.train_step` returns for modules ``module_ids``, in order: each module's loss terms (its
+    KL only where it is not 0 by construction)."""
+    return [f"module.{i}.{t}" for i in module_ids for t in loss_terms(model, i)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,7 +29,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device: cuda requested but no CUDA device is visible")
+        raise UserError("run.device=cuda but no CUDA device is visible", "torch.cuda.is_available() is False",
+                        "use run.device=cpu (or auto), or run on a machine with an NVIDIA GPU and driver")
     return torch.device(name)
 
 
@@ -67,7 +67,7 @@ class Stage:
                  replicas: ReplicaGroup | None = None):
         self.cfg, self.index, self.replicas = cfg, index, replicas
         self.module_ids = cfg.stage_modules()[index]
-        self.metric_names = metric_names(self.module_ids)
+        self.metric_names = metric_names(cfg.model, self.module_ids)
         self.device = torch.device(device)
         self.modules = nn.ModuleList([build_module(cfg.model, i, cfg.seed) for i in self.module_ids]).to(self.device)
         if replicas is not None:
@@ -113,7 +113,7 @@ class Stage:
                 self._deepspeed_update(self.engines[pos], out.loss, lr)
             else:
                 self._torch_update(module, self.optimizers[pos], out.loss, lr)
-            metrics.update(zip(metric_names([i]), (out.nce.detach(), out.kl.detach(), out.loss.detach())))
+            metrics.update({f"module.{i}.{t}": getattr(out, t).detach() for t in loss_terms(self.cfg.model, i)})
             x = out.output
         self.step += 1
         if self.replicas is not None:  # each replica holds its share of every loss term: report the sums

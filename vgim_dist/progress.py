@@ -1,0 +1,23 @@
+"""Progress of long commands (data prepare, probes, decoders, reports): a tqdm bar on a terminal, a plain
+line per item in a log file (a redirected bar would be one long line of carriage returns)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """``items``, with a bar on stderr when it is a terminal, else ``desc: k/n unit`` after each item."""
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    if sys.stderr.isatty():
+        from tqdm import tqdm  # noqa: PLC0415
+
+        yield from tqdm(items, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
+        return
+    for k, item in enumerate(items, 1):
+        yield item
+        print(f"{desc}: {k}/{total if total is not None else '?'} {unit}", file=sys.stderr, flush=True)
