@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from vgim_dist.config import load_config
-from vgim_dist.data.cli import main as data_main
+from vgim_dist.cli import main as data_main
 from vgim_dist.data.synth import synth_deboer
 from vgim_dist.launch import train
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vgim_dist.config import dump_config, load_config
-from vgim_dist.data.cli import main as data_main
+from vgim_dist.cli import main as data_main
 from vgim_dist.eval.monitor import NICE, ProbeMonitor
 from vgim_dist.train.reference import ReferenceRunner
 from vgim_dist.launch import train

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import time
+from typing import Literal
 from dataclasses import asdict, dataclass
 
 import torch
