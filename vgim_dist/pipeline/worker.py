@@ -261,10 +261,10 @@ class StageWorker:
                     self.output.send(x, vector)
                 elif pace and self.metrics:  # the last stage's pace is the pipeline's
                     self.metrics.record(step, {**dict(zip(self.names, vector.tolist())), **pace.metrics()},
-                                        prefix=f"stage {self.stage_index} " if self.last else "")
-                if pace and self.replica == 0 and self.stage_index != self.last:
+                                        prefix=f"stage {self.stage.index} " if self.stage.index else "")
+                if pace and self.output and (self.stage.replicas is None or self.stage.replicas.rank == 0):
                     # Each stage's own pace (it may run up to pipeline.in_flight steps ahead of the next).
-                    print(f"stage {self.stage_index} step {step}/{self.cfg.run.steps} | "
+                    print(f"stage {self.stage.index} step {step}/{self.cfg.run.steps} | "
                           f"{eta(time.monotonic(), step, clock, self.cfg.run.steps)}", file=sys.stderr, flush=True)
                 if pace and self.tracking.ref:  # the stage's own pace, as the reference logs the job's
                     self.tracking.log(step, {**dict(zip(self.own, mine.tolist())), **pace.metrics()})
