@@ -108,8 +108,7 @@ class ProbeMonitor:
                 self.metrics.add(step, values)
             log.info("evaluator: step %d %s", step, " ".join(f"{k[6:]} {v:.3f}" for k, v in values.items()))
             if values:
-                self._logger.log(step, values)
-                self._logger.flush()
+                self._logger.log(step, values)  # sent by the logger's own thread
             self.busy = None
             if self.waiting is not None:
                 step, self.waiting = self.waiting, None
