@@ -61,6 +61,8 @@ class MetricsLog:
         still the last training step's."""
         at = bisect.bisect_left([r["step"] for r in self.rows], step)
         self.rows.insert(at, {"step": step, **values})
+        if self._written is not None and at < self._written:
+            self._written = None  # a row before those already on disk: the next flush rewrites the file
 
     def flush(self) -> None:
         if self._written is not None and is_local(self.fs):
