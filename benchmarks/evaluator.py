@@ -17,8 +17,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from vgim_dist.config import load_config
 from vgim_dist.cli import main as data_main
+from vgim_dist.config import load_config
 from vgim_dist.data.synth import synth_deboer
 from vgim_dist.launch import train
 
@@ -39,7 +39,7 @@ def main() -> None:
         medians = {}
         for mode in ("off", "on"):
             run = root / f"run-{mode}"
-            extra = [f"eval.every=1", f"eval.data={syllables}", "eval.tasks=[syllables]"] if mode == "on" else []
+            extra = ["eval.every=1", f"eval.data={syllables}", "eval.tasks=[syllables]"] if mode == "on" else []
             train(load_config("configs/smoke.yaml", [
                 f"run.dir={run}", f"data.uri={words}", f"run.steps={a.steps}", "run.log_every=5",
                 f"checkpoint.every={a.every}", *extra]))

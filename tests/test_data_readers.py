@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import random
 import re
 
 import soundfile as sf
 
 from vgim_dist.data import readers
-from vgim_dist.data.readers import DEBOER_SYLLABLES, DEBOER_WORDS, SYLLABLES
-import math
-import random
-
 from vgim_dist.data.prepare import duplicate_ids
+from vgim_dist.data.readers import DEBOER_SYLLABLES, DEBOER_WORDS, SYLLABLES
 from vgim_dist.data.synth import ENGINES, _split, draw_speakers, synth_deboer
 
 
@@ -133,7 +132,8 @@ def test_clean_split_finds_provenance_in_the_audio_despite_published_naming(tmp_
     assert clean.info["provenance"]["take_in_name_wrong"] == 18
     for it in clean.items:  # the test folder holds the second takes: the audio must say so
         take = "1" if it.path.parent.name == "train" else "2"
-        assert it.labels["recording"] == f"{it.labels['word']}_{take}" and it.split == word_split[it.labels["recording"]]
+        assert it.labels["recording"] == f"{it.labels['word']}_{take}"
+        assert it.split == word_split[it.labels["recording"]]
         assert it.id == f"{it.labels['recording']}_{it.labels['position']}_{it.labels['syllable']}"
 
 

@@ -166,7 +166,8 @@ def test_report_in_a_browser(setup, tmp_path):
     r = decoder_run(run, 1, "mse", steps=4, batch_size=2, examples=2, draws=1, track=False)
     page = build_report([run], tsne=False, track=False)
     seen = inspect_page(page, tmp_path)
-    assert len(seen["images"]) >= 6 and all(i["width"] > 100 and i["height"] > 100 for i in seen["images"]), seen["images"]
+    images = seen["images"]
+    assert len(images) >= 6 and all(i["width"] > 100 and i["height"] > 100 for i in images), images
     assert len(seen["audio"]) >= 2 * len(r["examples"]) + len(r["prior"])  # the run's other decoders too
     assert all(d is not None and 0.3 < d < 5 for d in seen["audio"]), seen["audio"]  # 0.32 s clips: data loaded
     assert seen["texts"] > 50 and seen["overlaps"] == [], seen["overlaps"]
@@ -220,7 +221,7 @@ def test_speaker_and_phone_probes_on_librispeech_layout(setup, librispeech_dir, 
 def test_report_prints_the_thesis_figures_beside_thesis_runs(tmp_path, capsys):
     """A run of the thesis architecture: the report's syllable table gains the published rows, and `vgim
     report` prints it. Results JSON as `vgim eval probe` writes them (one module pair, one repeat)."""
-    from vgim_dist.config import dump_config  # noqa: PLC0415
+    from vgim_dist.config import dump_config
 
     run = tmp_path / "vgim-seed0"
     (run / "eval").mkdir(parents=True)

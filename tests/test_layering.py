@@ -12,7 +12,8 @@ BASE = {"config", "data.config", "storage", "seeding", "ray_session", "errors", 
 ALLOWED = {
     "__main__": {"cli"},
     "cli": {"launch", "plan", "train", "pipeline", "eval", "tracking", "data", "model", *BASE},
-    "launch": {"plan", "train", "pipeline", "eval", "tracking", "data", "model", "parallel", *BASE},  # eval: probes while training
+    # eval: probes while training
+    "launch": {"plan", "train", "pipeline", "eval", "tracking", "data", "model", "parallel", *BASE},
     "plan": {"train", "data", "model", *BASE},
     "eval": {"train", "tracking", "data", "model", *BASE},
     "pipeline": {"train", "tracking", "data", "model", "parallel", *BASE},

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import pytest
 
-from vgim_dist.config import load_config
 from vgim_dist.cli import main as data_main
+from vgim_dist.config import load_config
 from vgim_dist.data.synth import synth_deboer
 from vgim_dist.eval.probes import ProbeSettings, probe_run
 from vgim_dist.launch import train

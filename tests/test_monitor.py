@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from vgim_dist.config import dump_config, load_config
 from vgim_dist.cli import main as data_main
+from vgim_dist.config import dump_config, load_config
 from vgim_dist.eval.monitor import NICE, ProbeMonitor
-from vgim_dist.train.reference import ReferenceRunner
 from vgim_dist.launch import train
+from vgim_dist.train.reference import ReferenceRunner
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,11 @@ def test_curve_has_a_point_per_evaluated_checkpoint_in_metrics_and_mlflow(shards
     skipped = re.search(r"skipped \d+ checkpoints while behind: steps \[([\d, ]*)\]", caplog.text)
     skipped = {int(s) for s in skipped.group(1).split(",")} if skipped else set()
     assert probed[0] == 0 and probed[-1] == 12 and set(probed) == {0, 4, 8, 12} - skipped
-    assert all(set(r) == {"step", *(f"probe.vowels.module.{i}" for i in range(4))} for r in rows if "probe.vowels.module.0" in r)
+    probe_keys = {"step", *(f"probe.vowels.module.{i}" for i in range(4))}
+    assert all(set(r) == probe_keys for r in rows if "probe.vowels.module.0" in r)
     assert all(0 <= r[k] <= 1 for r in rows for k in r if k.startswith("probe."))
 
-    from mlflow import MlflowClient  # noqa: PLC0415
+    from mlflow import MlflowClient
 
     ids = json.loads((run / "mlflow.json").read_text())
     history = MlflowClient(ids["tracking_uri"]).get_metric_history(ids["parent_run_id"], "probe.vowels.module.3")
@@ -81,7 +82,7 @@ def test_a_slow_evaluator_skips_checkpoints_and_says_so(shards, tmp_path, caplog
 
 def test_the_evaluator_is_another_process_at_lower_priority(shards, tmp_path):
     cfg = _cfg(shards, tmp_path / "run")
-    from vgim_dist.train.metrics import MetricsLog  # noqa: PLC0415
+    from vgim_dist.train.metrics import MetricsLog
 
     monitor = ProbeMonitor(cfg).start("subprocess", MetricsLog(str(tmp_path / "run"), 12))
     try:
@@ -97,9 +98,9 @@ def test_the_evaluator_is_another_process_at_lower_priority(shards, tmp_path):
 def test_probe_rows_keep_metrics_in_step_order(tmp_path):
     """A probe result arrives after later training rows; it goes in at its step, before that step's training
     row, so the last row stays the last training step's (the run summary's "final")."""
-    from vgim_dist.train.metrics import MetricsLog  # noqa: PLC0415
+    from vgim_dist.train.metrics import MetricsLog
 
-    log = MetricsLog(str(tmp_path), 12, stream=open(os.devnull, "w"))  # noqa: SIM115
+    log = MetricsLog(str(tmp_path), 12, stream=open(os.devnull, "w"))
     for step in (4, 8, 12):
         log.record(step, {"module.0.nce": 1.0})
     log.add(0, {"probe.vowels.module.0": 0.4})

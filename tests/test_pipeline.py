@@ -189,7 +189,7 @@ def test_worker_that_cannot_see_run_dir_fails_at_once_naming_it(on_head, tmp_pat
 def test_probe_curves_on_a_pipeline_run(on_head, deboer_dir, tmp_path):
     """The background evaluator as a Ray actor beside the stages: a probe point for step 0 and the last
     checkpoint at least (a busy evaluator may skip those between), in metrics.jsonl."""
-    from vgim_dist.cli import main as data_main  # noqa: PLC0415
+    from vgim_dist.cli import main as data_main
 
     syllables = str(tmp_path / "syllables")
     assert data_main(["data", "prepare", str(deboer_dir), "--format", "deboer", "--level", "syllable",

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("vgim: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - the top of the CLI: one line, the traceback on request
+    except Exception as e:
         if debug:
             raise
         print(f"vgim: {one_line(e)}", file=sys.stderr)

@@ -45,7 +45,7 @@ def check_inputs(cfg: Config) -> None:
     try:
         fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
         fs.exists(root)
-    except Exception as e:  # noqa: BLE001 - missing credentials, an unreachable endpoint: name the URI
+    except Exception as e:
         raise UserError(f"cannot reach the run directory: {type(e).__name__}: {str(e).splitlines()[0]}",
                         f"run.dir={cfg.run.dir}", _store_hint(cfg.run.dir)) from e
     if cfg.data.uri != "noise://":

@@ -10,7 +10,6 @@ from pathlib import Path
 from vgim_dist.config import ConfigError, check_uri
 from vgim_dist.errors import UserError
 
-
 ENGINES = "espeak-ng,flite,festival"  # vgim_dist.data.synth.ENGINES, named here so that help needs no torch
 
 

@@ -40,7 +40,7 @@ def _load(path: Path, unpad: bool = False) -> np.ndarray:
     """Mono at 8 kHz, band-limited; ``unpad`` first drops the exact zeros a padded clip has at either end."""
     try:
         x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001 - libsndfile raises several types for corrupt files
+    except Exception as e:
         raise BadAudio(f"unreadable: {e}") from e
     x = x.mean(axis=1)
     if unpad:

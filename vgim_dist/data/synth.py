@@ -428,7 +428,7 @@ def synth_librispeech(out: Path, speakers: int = 4, utterances: int = 10, diffic
         for i in range(speakers):  # per speaker, so every speaker is in both splits
             split.update(_split([uid for uid, *_ in jobs if uid.startswith(f"{100 + i}-")], test_fraction, rng))
     transcripts: dict[Path, list[str]] = {}
-    for uid, text, spk, _ in jobs:
+    for uid, text, *_ in jobs:
         spk_id, chapter, _ = uid.split("-")
         folder = out / subset / spk_id / chapter
         folder.mkdir(parents=True, exist_ok=True)

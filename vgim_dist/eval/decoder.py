@@ -25,12 +25,12 @@ import torchaudio
 from safetensors.torch import save_file
 from torch import nn
 
-from vgim_dist.eval.names import LOSSES
 from vgim_dist.config import ModelConfig
 from vgim_dist.data.audio import SAMPLE_RATE
 from vgim_dist.data.loader import iter_utterances
 from vgim_dist.data.source import build_source
 from vgim_dist.eval.features import FeatureMode, Run, load_run
+from vgim_dist.eval.names import LOSSES
 from vgim_dist.eval.track import eval_dir, log_evaluation
 from vgim_dist.model.modules import module_geometry, out_channels
 from vgim_dist.seeding import derive_seed

@@ -19,8 +19,8 @@ import logging
 import math
 import re
 import time
-from typing import Literal
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,8 @@ from vgim_dist.eval.features import (
     split_rule,
 )
 from vgim_dist.eval.names import TASKS, Task
-from vgim_dist.progress import progress
 from vgim_dist.eval.track import eval_dir, log_evaluation
+from vgim_dist.progress import progress
 from vgim_dist.seeding import derive_seed
 
 PHONE_CLASSES = 41
@@ -263,7 +263,8 @@ def probe_run(run_dir: str, task: Task, data: str, modules: list[int] | None = N
     rule = split_rule(data, endpoint)
 
     result = {"task": task, "run_dir": run_dir, "checkpoint_step": run.step, "data": data, "split_rule": rule,
-              "split": f"{rule}: " + ("80/20 reshuffle of train + test, fresh per repeat" if settings.split == "reshuffle"
+              "split": f"{rule}: " + ("80/20 reshuffle of train + test, fresh per repeat"
+                                      if settings.split == "reshuffle"
                                       else f"{train_split} / {test_split} as prepared"),
               "protocol": settings.protocol(), "train_split": train_split, "test_split": test_split,
               "features": mode, "classes": classes, "settings": asdict(settings), "repeats": repeats,

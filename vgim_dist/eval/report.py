@@ -28,9 +28,9 @@ import torch
 from safetensors import safe_open
 
 from vgim_dist.config import Config, load_config, to_dict
-from vgim_dist.progress import progress
 from vgim_dist.eval import plots
 from vgim_dist.eval.track import eval_dir, log_evaluation
+from vgim_dist.progress import progress
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.metrics import MetricsLog
 
@@ -164,7 +164,8 @@ def _img(path: Path) -> str:
 
 def _audio(path: Path) -> str:
     seconds = sf.info(str(path)).duration
-    return (f'<audio controls preload="auto" src="data:audio/wav;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<audio controls preload="auto" src="data:audio/wav;base64,{data}">'
             f'</audio> <span class="note">{seconds:.2f} s</span>')
 
 

@@ -18,6 +18,7 @@ from vgim_dist.model import build_module, loss_terms
 from vgim_dist.parallel.data_parallel import GroupBatchNorm1d, ReplicaGroup
 from vgim_dist.seeding import derive_seed
 
+
 def metric_names(model: ModelConfig, module_ids: list[int]) -> list[str]:
     """What `Stage.train_step` returns for modules ``module_ids``, in order: each module's loss terms (its
     KL only where it is not 0 by construction)."""
