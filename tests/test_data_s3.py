@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # `make test` runs it, `make test-fast` skips it
 
 
 def _cli(*args, **env):
-    return subprocess.run([sys.executable, "-m", "vgim_dist.data.cli", "data", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vgim_dist", "data", *args], capture_output=True,
                           text=True, env={**os.environ, **env}, timeout=120)
 
 
@@ -36,7 +36,7 @@ def test_prepare_to_s3_reads_back_identical_audio(s3_endpoint, librispeech_dir, 
     # ... and from the config value, when reading.
     remote = list(iter_utterances(uri, "train", endpoint_url=s3_endpoint, cache_dir=str(tmp_path / "cache")))
     local = list(iter_utterances(str(tmp_path / "local"), "train", cache_dir=str(tmp_path / "cache")))
-    assert len(remote) == 15 and [u.id for u in remote] == [u.id for u in local]
+    assert len(remote) == len(local) >= 10 and [u.id for u in remote] == [u.id for u in local]
     assert all(np.array_equal(a.audio, b.audio) and a.labels == b.labels for a, b in zip(remote, local))
 
     cfg = DataConfig(uri=uri, endpoint_url=s3_endpoint, cache_dir=str(tmp_path / "cache2"), batch_size=8)
@@ -56,6 +56,7 @@ def test_unreachable_store_fails_fast_and_clearly(s3_endpoint, deboer_dir):
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     t = time.monotonic()
     r = _cli("prepare", str(deboer_dir), "--format", "deboer", "--out", "s3://corpus/x", "--endpoint-url", dead)
-    assert r.returncode == 1
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith("vgim: cannot reach s3://corpus/x")
     assert "cannot reach s3://corpus/x" in r.stderr and dead in r.stderr and "Traceback" not in r.stderr
     assert time.monotonic() - t < 60

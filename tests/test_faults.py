@@ -58,18 +58,18 @@ def test_truncated_only_checkpoint_stops_with_one_line_naming_it(tmp_path):
     resumed = run_cli(*sets, "--set", "run.steps=4", "--resume")
     assert resumed.returncode == 1
     last = resumed.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"vgim train: {damaged}: ") and "(truncated?)" in last, resumed.stderr
+    assert last.startswith(f"vgim: {damaged}: ") and "(truncated?)" in last, resumed.stderr
     assert "Traceback" not in resumed.stderr
 
 
 @pytest.mark.slow
 def test_full_disk_stops_at_once_naming_the_path_and_leaves_no_temporary_file(small_disk):
     sets = [a for s in ["data.crop=2560", "data.batch_size=4", "run.threads=1", f"run.dir={small_disk}",
-                        "run.steps=6", "checkpoint.every=2"] for a in ("--set", s)]
+                        "tracking.enabled=false", "run.steps=6", "checkpoint.every=2"] for a in ("--set", s)]
     run = run_cli(*sets, timeout=120)
     assert run.returncode == 1
     last = run.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"vgim train: {small_disk}/checkpoints/step-4/\S+: no space left on device "
+    assert re.fullmatch(rf"vgim: {small_disk}/checkpoints/step-4/\S+: no space left on device "
                         r"\([\d,]+ bytes free of [\d,]+; [\d,]+ needed\)", last), run.stderr
     assert "Traceback" not in run.stderr
     assert not [p for p in small_disk.rglob("*") if ".tmp-" in p.name]
@@ -87,5 +87,5 @@ def test_damaged_shard_stops_training_with_one_line_naming_shard_and_row(librisp
                   f"data.cache_dir={tmp_path / 'cache'}", "--set", "run.steps=2", timeout=120)
     assert run.returncode == 1
     last = run.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"vgim train: shard {shards}/train-00000\.parquet: row \d+ \(id '[\w-]+'\) does not match "
+    assert re.fullmatch(rf"vgim: shard {shards}/train-00000\.parquet: row \d+ \(id '[\w-]+'\) does not match "
                         "its checksum", last), run.stderr

@@ -206,8 +206,11 @@ def one_line(e: BaseException) -> str:
     """An error as one line: ours as they are, others with their type and a pointer to the traceback."""
     if isinstance(e, ConfigError):
         return f"config error: {e}"
-    if isinstance(e, UserError):
-        return str(e)
+    from vgim_dist.data.store import StoreError  # noqa: PLC0415 - imported only once something failed
+    from vgim_dist.storage import StorageFault  # noqa: PLC0415
+
+    if isinstance(e, (UserError, StorageFault, StoreError)):
+        return _first_line(e)     # ours name the file, the row or the store
     if isinstance(e, (FileExistsError, FileNotFoundError, PermissionError)):
         return _first_line(e)     # ours name the path and the way out; the OS's name the path
     return f"{type(e).__name__}: {_first_line(e)}; rerun with --debug for the traceback"
