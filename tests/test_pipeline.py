@@ -378,7 +378,7 @@ def test_full_disk_stops_the_pipeline_after_one_restart(ray_head, small_disk):
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 1, run.stderr
     last = run.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"vgim train: {small_disk}/\S+: no space left on device \([\d,]+ bytes free of "
+    assert re.fullmatch(rf"vgim: {small_disk}/\S+: no space left on device \([\d,]+ bytes free of "
                         r"[\d,]+; [\d,]+ needed\)", last), run.stderr
     assert run.stderr.count("[FailurePolicy] RETRY") == 1, run.stderr
     assert not [p for p in small_disk.rglob("*") if ".tmp-" in p.name]
