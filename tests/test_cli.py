@@ -128,6 +128,7 @@ def test_prepare_names_the_skipped_files(tmp_path):
     out = run([*VGIM, "data", "prepare", str(corpus), "--format", "folder", "--out", str(tmp_path / "out")], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "skipped 1 files" in out.stderr and "manifest.json" in out.stderr and "broken.wav" in out.stderr
+    assert "prepare: 1/1 shard - wrote train-00000.parquet: 1 utterances, 1 skipped" in out.stderr  # log: a line
 
 
 def test_progress_is_a_line_per_item_in_a_log(capsys):
@@ -135,3 +136,35 @@ def test_progress_is_a_line_per_item_in_a_log(capsys):
 
     assert list(progress(range(3), "probe vowels", unit="module")) == [0, 1, 2]
     assert capsys.readouterr().err.splitlines() == [f"probe vowels: {k}/3 module" for k in (1, 2, 3)]
+    list(progress(["a", "b"], "prepare", unit="shard", note=lambda x: f"wrote {x}"))
+    assert capsys.readouterr().err.splitlines() == ["prepare: 1/2 shard - wrote a", "prepare: 2/2 shard - wrote b"]
+
+
+def test_progress_is_a_bar_on_a_terminal():
+    """On a terminal the same loop draws one tqdm bar, redrawn in place, with the item's note as its suffix."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))   # a 120-column terminal
+    code = ("import time; from vgim_dist.progress import progress\n"
+            "for x in progress(['a', 'b', 'c'], 'prepare', unit='shard', note=lambda x: 'wrote ' + x):\n"
+            "    time.sleep(0.15)\n")
+    proc = subprocess.run([sys.executable, "-c", code], stderr=follower, stdout=subprocess.PIPE, timeout=60)
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:     # the terminal is closed once the child has gone
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(leader)
+    assert proc.returncode == 0
+    text = drawn.decode(errors="replace")
+    assert "\r" in text and "prepare:" in text and "/3" in text and "shard" in text, text
+    assert "prepare: 1/3 shard - " not in text      # no log lines on a terminal

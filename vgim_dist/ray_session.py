@@ -3,10 +3,31 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 from ray._private import ray_constants
+
+# Ray's own lines when it starts on this machine, which the caller says instead: its start line (colour codes
+# that end up in log files) and its token-authentication warning (the token is this user's, and private).
+_START_LINES = {"ray._private.worker": logging.WARNING,
+                "ray._private.authentication.authentication_token_setup": logging.ERROR}
+
+
+@contextmanager
+def quiet_local_start() -> Iterator[None]:
+    """Ray's start lines held back while a local Ray starts."""
+    saved = {name: logging.getLogger(name).level for name in _START_LINES}
+    for name, level in _START_LINES.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def connect(address: str = "", num_cpus: int | None = None) -> bool:
@@ -26,7 +47,8 @@ def connect(address: str = "", num_cpus: int | None = None) -> bool:
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"     # read by Ray's processes as they start
     ray_constants.ENABLE_RAY_CLUSTER = False                        # read by this process at import
     try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        with quiet_local_start():
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
         if saved_env is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from vgim_dist.data.audio import SAMPLE_RATE, BadAudio, load_pcm16
 from vgim_dist.data.readers import Corpus, Item, utf8_name
 from vgim_dist.data.shard import FORMAT_VERSION, SCHEMA, CorruptShard, decode, encode, footer_record
 from vgim_dist.data.store import Store
+from vgim_dist.progress import progress
 from vgim_dist.storage import checksum
 
 MANIFEST = "manifest.json"
@@ -118,29 +120,34 @@ def plan_shards(corpus: Corpus, shard_size: int) -> list[ShardJob]:
 
 
 def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: int = 1,
-            log: Callable[[str], None] = print, workers: int = 0, address: str = "") -> dict:
+            log: Callable[[str], None] | None = None, workers: int = 0, address: str = "") -> dict:
     """Write (or finish writing) the shards for ``corpus`` and return the manifest. ``workers`` > 0 makes the
     shards as Ray tasks on a private Ray of that many CPUs on this machine; ``address`` on that Ray cluster
-    (every node must read the corpus at the same path)."""
+    (every node must read the corpus at the same path). ``log`` gets a line per shard and the warnings; without
+    it, progress is a bar on a terminal (a line per shard in a log file) and warnings go to stderr."""
     if not corpus.items and not corpus.skipped:
         raise PrepareError(f"no audio files found in {corpus.info.get('source', 'the corpus')}")
     store.check(create=True)
     jobs = plan_shards(corpus, shard_size)
     made = _on_ray(jobs, store, min_samples, workers, address) if workers or address else (
         (job, prepare_shard(store, job.name, job.chunk, min_samples)) for job in jobs)
+    if log is None:
+        made = progress(made, "prepare", total=len(jobs), unit="shard", note=lambda made: made[1][2])
+    say = log or (lambda line: print(line, file=sys.stderr))
     results: dict[str, tuple[dict, dict]] = {}
     t0, files = time.perf_counter(), 0
     for n, (job, (record, entry, done)) in enumerate(made, 1):   # in the order they finish
         results[job.name] = record, entry
         files += len(job.chunk)
-        log(f"{done} [{n}/{len(jobs)} shards, {files / (time.perf_counter() - t0):.0f} files/s]")
+        if log is not None:
+            log(f"{done} [{n}/{len(jobs)} shards, {files / (time.perf_counter() - t0):.0f} files/s]")
     store.remove_partial()   # what workers that died mid-write left behind
 
     manifest = {"format_version": FORMAT_VERSION, "sample_rate": SAMPLE_RATE, "dtype": "int16",
                 "corpus": corpus.info, "splits": {}, "skipped": list(corpus.skipped), "fixes": Counter(),
                 "duplicate_ids": duplicate_ids(corpus.items)}
     if dups := manifest["duplicate_ids"]:
-        log(f"warning: {len(dups)} ids occur more than once (e.g. {dups[0]['id']} in {dups[0]['splits']}); "
+        say(f"warning: {len(dups)} ids occur more than once (e.g. {dups[0]['id']} in {dups[0]['splits']}); "
             "results on these shards cannot tell the clips apart, see duplicate_ids in the manifest")
     for split in sorted({job.split for job in jobs}):
         shards, speakers = [], set()

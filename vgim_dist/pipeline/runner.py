@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import ray
 from ray.train import FailureConfig, Result, RunConfig, ScalingConfig
@@ -32,6 +32,7 @@ from vgim_dist.config import Config
 from vgim_dist.pipeline.local import local_only_ray
 from vgim_dist.pipeline.replan import Replan, fewer_workers
 from vgim_dist.pipeline.worker import STAGE_STATS, train_stage
+from vgim_dist.ray_session import quiet_local_start
 from vgim_dist.storage import StorageFault, is_local, open_dir
 from vgim_dist.tracking import StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
@@ -98,7 +99,11 @@ class PipelineRunner:
                     torch_config = stack.enter_context(local_only_ray())
                 log.info("Ray: %s", f"joining the cluster at {address}" if address else
                          "starting a local instance (10-30 s: its GCS, raylet and dashboard)")
-                ray.init(address=address or "local")   # never attach to another Ray session by chance
+                with nullcontext() if address else quiet_local_start():
+                    ray_info = ray.init(address=address or "local")  # never attach to another session by chance
+                if not address:
+                    log.info("Ray: local instance on 127.0.0.1, token authentication on; dashboard at http://%s",
+                             ray_info.dashboard_url)
                 stack.callback(ray.shutdown)
             step = self.fit_elastic(start, torch_config)
         metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
@@ -163,6 +168,12 @@ class PipelineRunner:
             # Ray Train gives up placing a worker group after this long (propagated to its controller), and
             # with no controller retries fit() raises, for fit_elastic to re-plan.
             os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.pipeline.replan_after_s)
+        # Ray Train's drain watcher only logs node drains (recovery here is from run.dir's checkpoints), and its
+        # actor's constructor logs an error-level line on every start (ray-project/ray#53727). Ray Train passes
+        # the variable on to its controller; set it to 1 to have the watcher back.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray Train's print patch logs a worker's prints again through its root logger: each stage line twice.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         # On the driver's node: an actor on a node that is lost would read as stopped or faulted.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         stop, fault = StopFlag.options(scheduling_strategy=here).remote(), FatalFault.options(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vgim_dist.config import redact
 from vgim_dist.errors import UserError
-from vgim_dist.tracking.server import embedded_uri, free_port, start_server, wait_ready
+from vgim_dist.tracking.server import TRAINING_VIEW, embedded_uri, free_port, start_server, wait_ready
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -63,8 +63,8 @@ def landing_page(args: argparse.Namespace) -> str:
     overview): the run's experiment when the run directory names it."""
     ids = Path(args.run_dir) / "mlflow.json"
     if not args.uri and ids.exists():
-        return f"/#/experiments/{json.loads(ids.read_text())['experiment_id']}/runs?workflowType=machine_learning"
-    return "/#/experiments?workflowType=machine_learning"
+        return f"/#/experiments/{json.loads(ids.read_text())['experiment_id']}/runs?{TRAINING_VIEW}"
+    return f"/#/experiments?{TRAINING_VIEW}"
 
 
 def _interrupt(signum, frame) -> None:

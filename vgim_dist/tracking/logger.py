@@ -57,6 +57,8 @@ def client(uri: str) -> MlflowClient:
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
+    # Two INFO lines each time a process opens a new SQLite store ("Creating initial MLflow database tables").
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(uri)
 
 
@@ -228,8 +230,9 @@ class StageLogger:
                 del self.pending[:overflow]
                 self._dropped(overflow, "queue full")
             due = stopping or len(self.pending) >= ref.flush_every or now - last_flush >= FLUSH_S
-            if due and self.pending:
-                self._flush()
+            if due:  # the clock restarts even with nothing to send: else the wait above is 0 and this loop spins
+                if self.pending:
+                    self._flush()
                 last_flush = time.monotonic()
             if stopping:
                 return

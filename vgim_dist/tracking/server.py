@@ -11,6 +11,20 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
+from vgim_dist.config import redact
+
+# MLflow's UI opens on its GenAI view unless told otherwise; this query opens it on the training runs.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_address(uri: str, experiment_id: str, run_id: str = "") -> str:
+    """The MLflow UI page of a run (or of an experiment's runs) on the server at ``uri``, in its training view;
+    empty for a file or database store, which `vgim ui` serves."""
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    page = f"/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{redact(uri).rstrip('/')}{page}?{TRAINING_VIEW}"
+
 
 def embedded_uri(run_dir: str) -> str:
     """The default store: a SQLite file in the run directory."""

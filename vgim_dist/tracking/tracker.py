@@ -14,6 +14,7 @@ import platform
 import re
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,7 +27,7 @@ from vgim_dist.config import Config, ConfigError, dump_config, redact, to_dict
 from vgim_dist.storage import open_dir, write_bytes
 from vgim_dist.tracking.figures import loss_figures
 from vgim_dist.tracking.logger import StageRef, client, start_system_metrics
-from vgim_dist.tracking.server import embedded_uri
+from vgim_dist.tracking.server import embedded_uri, ui_address
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,10 @@ _BATCH = 100                                            # MLflow's limit on para
 _PACKAGES = ("vgim-dist", "torch", "torchaudio", "numpy", "mlflow", "ray", "deepspeed")
 
 
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the training runs
+# The experiment's kind: MLflow UIs that read it open the experiment on its training runs. MLflow 3.17's UI
+# follows its own "GenAI / Model training" switch instead (remembered per browser, GenAI at first); the
+# addresses printed here and by `vgim ui` set that switch (`server.TRAINING_VIEW`).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def move_credentials_to_env(cfg: Config) -> None:
@@ -186,6 +190,7 @@ class RunTracker:
             parent = c.create_run(exp_id, run_name=names[0],
                                   tags={"mlflow.source.name": "vgim train", "vgim.run_dir": cfg.run.dir}).info.run_id
             log.info("tracking: MLflow run %s (%s) at %s", parent, names[0], redact(uri))
+        log.info("tracking: see it at %s", ui_address(uri, exp_id, parent) or f"`vgim ui {cfg.run.dir}`")
         _log_batch(c, parent, params, tags)
         c.log_text(parent, dump_config(cfg), "config.yaml")
 
@@ -267,7 +272,11 @@ class RunTracker:
         signature = ModelSignature(Schema([TensorSpec(f32, (-1, 1, cfg.data.crop))]),
                                    Schema([TensorSpec(f32, (-1, *out.shape[1:]))]))
         mlflow.set_tracking_uri(self.uri)  # log_model writes through the fluent API's active run
-        with mlflow.start_run(run_id=self.parent_id):
+        with mlflow.start_run(run_id=self.parent_id), warnings.catch_warnings():
+            # Two harmless torch warnings on every export of this encoder: the GRU's flat weights are views of
+            # its registered parameters, and the pt2 archive is read back from a bytes object MLflow holds.
+            warnings.filterwarnings("ignore", "The tensor attributes .* were assigned during export", UserWarning)
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
             # An exported program needs the torch that exported it, and nothing of ours: naming it spares
             # MLflow a subprocess that loads the model to guess (6 s on the smoke model).
             info = mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy(),
