@@ -81,7 +81,9 @@ def main() -> None:
               f"({predicted / measured - 1:+.0%})", flush=True)
     reference = run_time(args.config, [*overrides, "run.runner=reference", f"run.threads={cores}"],
                          args.steps, args.warmup)
-    print(f"{f'reference runner, {cores} threads':<44} measured {reference:7.3f} s")
+    ref_predicted = estimate(prof, [[m.module for m in prof.modules]], [1], cores, ray=False).step_s
+    print(f"{f'reference runner, {cores} threads (no Ray)':<44} predicted {ref_predicted:7.3f} s  measured "
+          f"{reference:7.3f} s  ({ref_predicted / reference - 1:+.0%})")
 
     chosen, others = rows[0], rows[1:]
     within = [r for r in rows if abs(r["error"]) <= 0.15]
@@ -100,7 +102,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "command": " ".join([os.path.relpath(sys.executable), *sys.argv]), "cores": cores,
             "load_before": load_before, "load_after": load_average(), "profile": prof.to_dict(),
-            "chosen": best.to_dict(), "rows": rows, "reference_all_threads_s": reference, "goals": goals}, indent=1))
+            "chosen": best.to_dict(), "rows": rows, "reference_all_threads_s": reference,
+            "reference_predicted_s": ref_predicted, "goals": goals}, indent=1))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from vgim_dist.plan import table  # noqa: PLC0415
+    from vgim_dist.plan import estimate, table  # noqa: PLC0415
     from vgim_dist.plan.auto import plan_config  # noqa: PLC0415
 
     # The layout is what is being chosen: the config's stages and replicas are ignored, its threads kept.
@@ -106,6 +106,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.config}: {ctx['workers']} workers" + (f", {ctx['gpus']} GPUs" if ctx["gpus"] else ""))
     print(table(prof, plans))
+    threads = cfg.run.threads or max(prof.thread_counts)
+    alone = estimate(prof, [[m.module for m in prof.modules]], [1], threads, min(ctx["gpus"], 1), ray=False)
+    if alone is not None:
+        print(f"without Ray (run.runner=reference, {threads} thread{'s' * (threads > 1)}"
+              f"{', one GPU' if ctx['gpus'] else ''}): "
+              f"{alone.step_s:.4f} s/step, {alone.windows_per_s:.1f} windows/s")
     print("\nrun it with: " + " ".join(f"--set '{o}'" for o in ["run.runner=pipeline", *plans[0].overrides()]))
     return 0
 

@@ -46,7 +46,7 @@ def plan_config(cfg: Config, workers: int = 0, gpus: int | None = None, refresh:
               "replicas": None if p.replicas == "auto" else (p.replicas or None),
               "replicate": p.replicas == "auto",
               "threads": cfg.run.threads or None}
-    plans = rank(prof, workers, gpus, **pinned)
+    plans = rank(prof, workers, gpus, ray=cfg.run.runner == "pipeline", **pinned)
     if not plans:
         raise RuntimeError(f"plan: no layout of {len(cfg.model.modules)} modules fits {workers} workers"
                            + (f" on {gpus} GPUs" if gpus else "") + f" (profile: {prof.device_name})")

@@ -16,7 +16,11 @@ and the pipeline's step time is the slowest stage's t_s, unless the workers shar
 - CPU (C cores; each worker asks for h cores, a replicated stage for r_s * h at once): the step takes at
   least the work of all workers divided by C, and two stages of which one must hold several cores at once
   (threads or replicas advance in lockstep) while the other holds the rest cannot overlap, so their times
-  add. With every core taken, Ray's own processes take ``ray_share`` of each worker's core.
+  add. With every core taken by Ray workers (the pipeline runner), Ray's own processes take ``ray_cores`` of
+  the C cores, and a stage whose g = r_s * h threads advance together (a worker's threads meet at a barrier
+  in every operator, its replicas at every collective) runs only while all g hold a core: (1 - ray_cores /
+  C)^g of the time. A lone one-thread worker loses nothing measurable. The reference runner (``ray=False``)
+  runs without Ray.
 - GPU (G devices, W workers): with W <= G each worker has its own device; with more, ceil(W / G) workers
   share a device in rank order, time-sliced, so a device's load is the sum of its workers' times.
 """
@@ -100,7 +104,7 @@ class CostModel:
     staged_link: float = 5.0e9      # device -> host -> gloo -> host -> device, two ranks on one GPU
     latency_s: float = 2.0e-4       # per collective call or message
     collectives_per_module: int = 12  # a replicated module's calls: batch split, BatchNorm statistics, gathers
-    ray_share: float = 0.10         # CPU share Ray's own processes take from workers when every core is busy
+    ray_cores: float = 0.2          # cores Ray's own processes (raylet, GCS, dashboard) take while workers run
 
 
 @dataclass
@@ -192,8 +196,9 @@ def replica_counts(stages: int, workers: int, batch: int) -> list[list[int]]:
 
 
 def estimate(profile: Profile, stages: list[list[int]], replicas: list[int] | None = None, threads: int = 1,
-             gpus: int = 0, cost: CostModel = CostModel()) -> Plan | None:
-    """The predicted step time of one layout; None when it does not fit (memory, or replicas sharing a GPU)."""
+             gpus: int = 0, cost: CostModel = CostModel(), ray: bool = True) -> Plan | None:
+    """The predicted step time of one layout; None when it does not fit (memory, or replicas sharing a GPU).
+    ``ray``: the layout runs as Ray workers (the pipeline runner); False: in this process (the reference)."""
     replicas = replicas or [1] * len(stages)
     mods = {m.module: m for m in profile.modules}
     B, W = profile.batch, sum(replicas)
@@ -251,20 +256,25 @@ def estimate(profile: Profile, stages: list[list[int]], replicas: list[int] | No
     else:
         if sum(e.memory_bytes * e.replicas for e in est) > profile.memory_bytes:
             return None
-        step, bottleneck = _share_cores(est, threads, profile.cores, cost, step, bottleneck)
+        step, bottleneck = _share_cores(est, threads, profile.cores, cost, step, bottleneck, ray)
         gpw = 0.0
     return Plan(est, threads, gpw, step, bottleneck, link_bytes, links, B)
 
 
 def _share_cores(est: list[StageEstimate], threads: int, cores: int, cost: CostModel, step: float,
-                 bottleneck: str) -> tuple[float, str]:
+                 bottleneck: str, ray: bool = True) -> tuple[float, str]:
     """CPU workers on ``cores`` cores: the step time once the stages compete for them."""
     gang = [e.replicas * threads for e in est]              # cores a stage needs at once
-    if len(est) > 1 or est[0].replicas > 1:                  # a Ray pipeline: Ray's processes share the cores
-        if sum(gang) >= cores:
-            for e in est:
-                e.step_s /= 1 - cost.ray_share
-            step /= 1 - cost.ray_share
+    if ray and sum(gang) >= cores:                           # Ray's processes share the cores
+        # A stage whose g threads advance together (a worker's threads meet at every operator's barrier, its
+        # replicas at every collective) runs only while all g hold a core. A lone one-thread worker that Ray
+        # preempts catches up while the stage beside it waits on their link.
+        for e, g in zip(est, gang):
+            if g > 1:
+                e.step_s /= (1 - cost.ray_cores / cores) ** g
+        s = max(range(len(est)), key=lambda s: est[s].step_s)
+        if est[s].step_s > step:
+            step, bottleneck = est[s].step_s, f"stage {s}"
     for e, g in zip(est, gang):                              # a gang larger than the machine time-slices
         if g > cores:
             e.step_s *= g / cores
@@ -287,7 +297,7 @@ def _share_cores(est: list[StageEstimate], threads: int, cores: int, cost: CostM
 
 def rank(profile: Profile, workers: int, gpus: int = 0, cost: CostModel = CostModel(),
          stages: list[list[int]] | None = None, replicas: list[int] | None = None, threads: int | None = None,
-         replicate: bool = True, tolerance: float = 0.02) -> list[Plan]:
+         replicate: bool = True, tolerance: float = 0.02, ray: bool = True) -> list[Plan]:
     """Every layout within ``workers`` workers (and ``gpus`` GPUs), fastest first. ``stages``, ``replicas``,
     ``threads`` pin that part of the layout; ``replicate=False`` keeps one worker per stage.
 
@@ -309,7 +319,7 @@ def rank(profile: Profile, workers: int, gpus: int = 0, cost: CostModel = CostMo
             if sum(reps) > workers or len(reps) != len(split):
                 continue
             for h in thread_options:
-                p = estimate(profile, split, reps, h, gpus, cost)
+                p = estimate(profile, split, reps, h, gpus, cost, ray)
                 if p is not None:
                     plans.append(p)
     plans.sort(key=lambda p: (p.step_s, p.workers, len(p.stages), p.threads))
