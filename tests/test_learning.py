@@ -49,6 +49,7 @@ def learning_margin(corpus: dict, run_dir: str, seed: int) -> dict[int, float]:
     return {int(m): e["accuracy"]["mean"] - e["step0"]["accuracy"]["mean"] for m, e in r["modules"].items()}
 
 
+@pytest.mark.slow
 def test_trained_modules_beat_their_step0_baseline(corpus, tmp_path):
     margins = learning_margin(corpus, str(tmp_path / "run"), seed=0)
     assert max(margins.values()) >= THRESHOLD, margins

@@ -34,6 +34,7 @@ def _cfg(shards: dict, run: Path, *extra: str):
         "eval.epochs=3", "tracking.system_metrics=false", *extra])
 
 
+@pytest.mark.slow
 def test_curve_has_a_point_per_evaluated_checkpoint_in_metrics_and_mlflow(shards, tmp_path, caplog):
     run = tmp_path / "run"
     train(_cfg(shards, run, "tracking.enabled=true", "eval.tasks=[vowels]"))
@@ -54,6 +55,7 @@ def test_curve_has_a_point_per_evaluated_checkpoint_in_metrics_and_mlflow(shards
     assert sorted(m.step for m in history) == probed
 
 
+@pytest.mark.slow
 def test_a_slow_evaluator_skips_checkpoints_and_says_so(shards, tmp_path, caplog):
     """Checkpoints every step and 200 probe epochs: the evaluator falls behind. The trainer never waits (each
     call returns at once), at most one step waits, the skipped ones are logged, the curve still starts at 0."""

@@ -23,7 +23,7 @@ from vgim_dist.config import load_config
 from vgim_dist.train.checkpoint import CheckpointManager
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def readme_command(needle: str) -> str:

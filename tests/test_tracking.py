@@ -232,6 +232,7 @@ def test_rows_kept_through_an_outage_reach_the_run_once(mlflow_server, monkeypat
     assert logger.counters == {"sent": 4, "delayed": 2, "dropped": 0}
 
 
+@pytest.mark.slow
 def test_a_hung_store_never_slows_training(tmp_path, monkeypatch, caplog):
     """The store accepts connections and never answers (its processes are SIGSTOPped) from the first step to
     the last: training keeps its pace, and once the store answers again every row arrives, once."""
@@ -293,6 +294,7 @@ def test_a_hung_store_never_slows_training(tmp_path, monkeypatch, caplog):
         assert logged[stage["run_id"]] == list(range(2, steps_total + 1, 2))
 
 
+@pytest.mark.slow
 def test_a_password_in_the_tracking_uri_is_never_written(mlflow_server, tmp_path, monkeypatch, caplog, capfd):
     """Basic-auth credentials in tracking.uri move to MLFLOW_TRACKING_USERNAME/PASSWORD: not in config.yaml
     (file and artifact), mlflow.json, params, tags or any log line."""
@@ -319,6 +321,7 @@ def test_a_password_in_the_tracking_uri_is_never_written(mlflow_server, tmp_path
     assert r.ok and "tracking" in r.text and "hunter2" not in r.text
 
 
+@pytest.mark.slow
 def test_run_names_and_the_experiment_open_on_training_runs(mlflow_server, tracked):
     cfg, _, parent = tracked
     assert parent["info"]["run_name"] == "smoke V-GIM s0 reference"
@@ -327,6 +330,7 @@ def test_run_names_and_the_experiment_open_on_training_runs(mlflow_server, track
     assert EXPERIMENT_KIND.items() <= {t["key"]: t["value"] for t in exp.get("tags", [])}.items()
 
 
+@pytest.mark.slow
 def test_vgim_ui_refuses_a_taken_port_and_stops_its_server_on_sigterm(tmp_path):
     import psutil
 

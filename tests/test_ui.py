@@ -32,6 +32,7 @@ def screenshot(url: str, path, wait_ms: int = 30000) -> None:
                    capture_output=True, timeout=300, check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh installs it)")
 def test_ui_opens_on_the_training_runs_of_a_tracked_job(tmp_path):
     import numpy as np
