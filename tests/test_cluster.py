@@ -163,7 +163,7 @@ def wait_for(what: str, condition, proc: subprocess.Popen, timeout: float = 240)
 
 @pytest.mark.slow
 def test_node_lost_replaced_then_lost_for_good(cluster, bucket, s3_endpoint, tmp_path):
-    run_dir, steps = f"{bucket}/elastic", 300
+    run_dir, steps = f"{bucket}/elastic", 600     # long enough to outlast both losses on an idle machine
     sets = [*PIPELINE, f"run.dir={run_dir}", f"run.steps={steps}", "run.log_every=10",
             f"data.endpoint_url={s3_endpoint}", "pipeline.replan_after_s=3"]
     proc = subprocess.Popen([str(BIN / "vgim"), "train", "configs/smoke.yaml", "--address", cluster.address,
@@ -178,16 +178,22 @@ def test_node_lost_replaced_then_lost_for_good(cluster, bucket, s3_endpoint, tmp
         return descriptor(run_dir, s3_endpoint, f"stage-{s}") or {}
 
     try:
-        # 1. Lose the node holding stage 1 and add a fresh one: the group restarts there.
+        def restarted_on(node: str) -> dict | None:
+            """The descriptor of the stage on ``node`` once both stages restarted from the same checkpoint
+            (which stage Ray puts on the fresh node is its choice)."""
+            workers = [stage(0), stage(1)]
+            if workers[0].get("start", 0) >= 40 and workers[0].get("start") == workers[1].get("start"):
+                return next((w for w in workers if w.get("node_id") == node), None)
+            return None
+
+        # 1. Lose the node holding stage 1 and add a fresh one: the group restarts, one stage there.
         wait_for("a checkpoint at step 40", lambda: committed() >= 40, proc)
         lost = stage(1)["node_id"]
         cluster.remove(lost)
         t0 = time.monotonic()
         fresh = cluster.add().node_id
-        moved = wait_for("stage 1 on the fresh node",
-                         lambda: (w := stage(1)).get("node_id") == fresh and w, proc)
+        moved = wait_for("a stage on the fresh node", lambda: restarted_on(fresh), proc)
         first_recovery = time.monotonic() - t0
-        assert moved["start"] >= 40 and stage(0)["start"] == moved["start"]
 
         # 2. Lose it again, add nothing: after the grace period both stages share the node left.
         wait_for("a checkpoint after the restart", lambda: committed() >= moved["start"] + 20, proc)
