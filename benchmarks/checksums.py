@@ -1,5 +1,6 @@
 """What checksums cost: per checkpoint of the vgim config (its commit and its verified load) and per first read
-of a shard, each against the same work without them, measured in one run.
+of a shard and first open of its unpacked cache file, each against the same work without them, measured in one
+run.
 
     python benchmarks/checksums.py [--repeats 5]
 
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from vgim_dist.config import load_config
+from vgim_dist.data.cache import SIDECAR, damage
 from vgim_dist.data.shard import SCHEMA, encode, row_checksum
 from vgim_dist.storage import checksum
 from vgim_dist.train.checkpoint import CheckpointManager
@@ -80,9 +82,23 @@ def shard_costs(repeats: int) -> list[tuple[str, float, float]]:
     table = pq.read_table(pa.BufferReader(data))
     columns = [table.column(c).to_pylist() for c in SCHEMA.names[:-1]]
     row_hashes = best(lambda: [row_checksum(*r) for r in zip(*columns)], repeats)
+    with tempfile.TemporaryDirectory() as d:   # the unpacked cache file a training process opens
+        cached = Path(d) / "shard.arrow"
+        with pa.ipc.new_file(str(cached), table.schema) as w:
+            w.write_table(table.combine_chunks())
+        cached.with_name(cached.name + SIDECAR).write_text(checksum(cached.read_bytes()))
+        open_s = best(lambda: pa.ipc.open_file(pa.memory_map(str(cached))).read_all(), repeats)
+        verify_s = best(lambda: damage(cached), repeats)
+        assert damage(cached) is None
+        mb = cached.stat().st_size / 1e6
     return [(f"shard first read ({len(data) / 1e6:.1f} MB, {n} utterances): decode, + file checksum", plain,
              file_hash),
-            ("  the same, + every row's checksum (prepare re-run; data verify on a mismatch)", plain, row_hashes)]
+            ("  the same, + every row's checksum (prepare re-run; data verify on a mismatch)", plain, row_hashes),
+            (f"cache file first open ({mb:.1f} MB Arrow): memory-map + read its sidecar, + verify it",
+             open_s + verify_s, verify_s)]
+
+
+
 
 
 def main() -> None:

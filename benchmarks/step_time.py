@@ -1,6 +1,11 @@
 """Reference-runner time per training step, and each module's share of it.
 
     .venv/bin/python benchmarks/step_time.py [--config configs/vgim.yaml] [--batch 8] [--crop 20480] [--steps 4]
+    .venv/bin/python benchmarks/step_time.py --busy      # idle, then beside a one-core busy loop
+
+With ``--busy``, each thread count is timed twice in a row, alone and then beside a separate process that
+spins on one core, and the ratio slowed / idle is printed: the cost of one more runnable process on the
+cores a training uses (a thread of an operator waits at its barrier for a sibling that lost its core).
 
 Runs every (threads, allocator) combination in a fresh process, one after the other, so that all figures
 come from one invocation on one machine. "tuned" keeps freed memory in the process (glibc's
@@ -45,16 +50,51 @@ def measure(config: str, batch: int, crop: int, steps: int, threads: int) -> dic
     return {"threads": threads, "step_s": total, "share": [t / steps / total for t in per_module]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _child(args: argparse.Namespace, threads: int, env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--config", args.config, "--batch", str(args.batch),
+                          "--crop", str(args.crop), "--steps", str(args.steps), "--threads", str(threads)],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def busy_ratio(args: argparse.Namespace) -> None:
+    """Each thread count alone, then beside a process spinning on one core: s/step and the ratio."""
+    print(f"{args.config}: batch {args.batch} x {args.crop} samples, mean of {args.steps} steps after one "
+          f"warm-up; {os.cpu_count()} cores; busy = one more process spinning on one core")
+    print(f"{'threads':>7}  {'idle s/step':>11}  {'busy s/step':>11}  {'busy / idle':>11}")
+    env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
+    for threads in (1, 2):
+        idle = _child(args, threads, env)["step_s"]
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            busy = _child(args, threads, env)["step_s"]
+        finally:
+            spinner.kill()
+            spinner.wait()
+        print(f"{threads:>7}  {idle:>11.3f}  {busy:>11.3f}  {busy / idle:>10.2f}x")
+
+
+def step_args(doc: str) -> argparse.ArgumentParser:
+    """A parser with the step benchmarks' shared options: config, batch, crop, steps."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/vgim.yaml")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=20480)
     ap.add_argument("--steps", type=int, default=4)
+    return ap
+
+
+def main() -> None:
+    ap = step_args(__doc__)
+    ap.add_argument("--busy", action="store_true", help="time 1 and 2 threads alone and beside a one-core busy "
+                    "loop in another process; print the ratio")
     ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
     if args.threads:
         print(json.dumps(measure(args.config, args.batch, args.crop, args.steps, args.threads)))
+        return
+    if args.busy:
+        busy_ratio(args)
         return
 
     print(f"{args.config}: batch {args.batch} x {args.crop} samples, mean of {args.steps} steps after one warm-up")
@@ -65,10 +105,7 @@ def main() -> None:
         if malloc == "tuned":
             env.update(TUNED_MALLOC)
         for threads in (1, 2):
-            out = subprocess.run([sys.executable, __file__, "--config", args.config, "--batch", str(args.batch),
-                                  "--crop", str(args.crop), "--steps", str(args.steps), "--threads", str(threads)],
-                                 env=env, capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = _child(args, threads, env)
             results[(malloc, threads)] = r["step_s"]
             shares = "  ".join(f"M{i} {s:.0%}" for i, s in enumerate(r["share"]))
             print(f"{threads:>7}  {malloc:>7}  {r['step_s']:>7.3f}  {args.batch / r['step_s']:>9.1f}  {shares}")

@@ -18,10 +18,16 @@ $VGIM train configs/smoke.yaml --set run.dir="$RUN/train" --set data.uri="$RUN/s
 echo "demo: run directory $RUN/train (config.yaml, metrics.jsonl, summary.json, checkpoints/, mlflow.db)"
 
 # Evaluate the run: probes on z-scored features (a short training leaves features that barely vary from
-# clip to clip), each beside the same probe on the encoder as initialised; a short decoder; the report.
+# clip to clip) and the thesis's syllable probe (raw, flattened C x T), each beside the same probe on the
+# encoder as initialised; a short decoder; the report, whose first lines say what the run shows.
 for task in syllables vowels; do
   $VGIM eval probe "$RUN/train" --task "$task" --data "$RUN/syllables" --standardize
 done
+$VGIM eval probe "$RUN/train" --task syllables --data "$RUN/syllables" --features flatten
 $VGIM eval decoder "$RUN/train" --module 1 --loss mse+mel --steps 100 --batch-size 8
-echo "demo: report $($VGIM report "$RUN/train" | tail -1)"
+$VGIM report "$RUN/train" > "$RUN/report.txt"
+echo
+echo "demo: what it shows"
+sed '$d' "$RUN/report.txt"
+echo "demo: report $(tail -1 "$RUN/report.txt")"
 echo "demo: MLflow UI with: .venv/bin/vgim ui $RUN/train"

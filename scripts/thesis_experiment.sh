@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# The published experiment as one command (docs/experiments.md): GIM and V-GIM with the thesis architecture
-# (configs/{gim,vgim}-thesis.yaml), SEEDS seeds each, trained on the words of a de Boer-format corpus; then
-# the thesis's probes on every module (syllables: flattened C x T output; vowels: max-pooled, no bias; 100
-# epochs; a fresh 80/20 reshuffle of the syllables per repeat), on raw and on z-scored features, and one
-# report comparing the methods beside the thesis's published table.
+# The published experiment as one command (docs/experiments.md): a thin wrapper around the sweep
+# configs/sweeps/thesis.yaml. It prepares the shards of a de Boer-format corpus, runs the sweep (GIM and V-GIM
+# with the thesis architecture, SEEDS seeds each, every trial probed with the thesis's protocol on raw and on
+# z-scored features), then writes the sweep's report and the comparison beside the thesis's published table.
 #
 #   scripts/thesis_experiment.sh CORPUS OUT
 #
 # CORPUS holds reshuffledv2/{train,test}/ and "split up data padded"/{train,test}/ (the de Boer layout, or
 # `vgim data synth deboer CORPUS --words 729 --voices 1 --second-takes 122` for a full-size synthetic
 # stand-in: 851 word recordings, 680 train / 171 test, as published). Environment: SEEDS (5), STEPS (the
-# configs' 3200), REPEATS (probe repeats per module, 5), EPOCHS (probe epochs, 100), DEVICE (cpu). A finished
-# run (summary.json present) is skipped and an interrupted one resumed, so the command can simply be run
-# again after a stop.
+# configs' 3200), REPEATS (probe repeats per module, 5), EPOCHS (probe epochs, 100), DEVICE (cpu). After a
+# stop the same command resumes the sweep: finished trials are kept, unfinished ones continue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VGIM=${VGIM:-.venv/bin/vgim}
@@ -22,29 +20,17 @@ SEEDS=${SEEDS:-5} REPEATS=${REPEATS:-5} EPOCHS=${EPOCHS:-100} DEVICE=${DEVICE:-c
 [ -d "$CORPUS/reshuffledv2" ] || { echo "$CORPUS: no reshuffledv2/ folder (not a de Boer-format corpus)" >&2; exit 2; }
 
 mkdir -p "$OUT"
-$VGIM data prepare "$CORPUS" --format deboer --level word --out "$OUT/words"
-$VGIM data prepare "$CORPUS" --format deboer --level syllable --syllable-split clean --out "$OUT/syllables"
+[ -f "$OUT/words/manifest.json" ] || $VGIM data prepare "$CORPUS" --format deboer --level word --out "$OUT/words"
+[ -f "$OUT/syllables/manifest.json" ] ||
+  $VGIM data prepare "$CORPUS" --format deboer --level syllable --syllable-split clean --out "$OUT/syllables"
 
-runs=()
-for method in gim vgim; do
-  for ((seed = 0; seed < SEEDS; seed++)); do
-    run="$OUT/$method-seed$seed"
-    runs+=("$run")
-    if [ ! -f "$run/summary.json" ]; then
-      resume=$([ -d "$run/checkpoints" ] && echo --resume || true)
-      SECONDS=0
-      $VGIM train "configs/$method-thesis.yaml" $resume --set seed="$seed" --set run.dir="$run" \
-        --set data.uri="$OUT/words" --set run.device="$DEVICE" ${STEPS:+--set run.steps="$STEPS"} \
-        --set tracking.enabled=true
-      echo "thesis: trained $run in ${SECONDS}s"
-    fi
-    for scale in "" --standardize; do  # raw features (the thesis's), and z-scored per feature
-      probe=($VGIM eval probe "$run" --data "$OUT/syllables" --all --repeats "$REPEATS" --epochs "$EPOCHS"
-             --split reshuffle $scale)
-      "${probe[@]}" --task syllables --features flatten
-      "${probe[@]}" --task vowels --pool max --no-bias
-    done
-  done
+sweep=(--set dir="$OUT/sweep" --set set.data.uri="$OUT/words" --set set.run.device="$DEVICE"
+       --set "space.seed=[$(seq -s, 0 $((SEEDS - 1)))]" ${STEPS:+--set set.run.steps="$STEPS"})
+for i in 0 1 2 3; do
+  sweep+=(--set "eval.$i.data=$OUT/syllables" --set "eval.$i.repeats=$REPEATS" --set "eval.$i.epochs=$EPOCHS")
 done
-$VGIM report "${runs[@]}" --out "$OUT/report.html"
-echo "thesis: comparison table $OUT/report.md, report $OUT/report.html"
+resume=$([ -f "$OUT/sweep/sweep.json" ] && echo --resume || true)
+$VGIM sweep configs/sweeps/thesis.yaml "${sweep[@]}" $resume
+$VGIM report "$OUT/sweep"
+$VGIM report "$OUT"/sweep/trials/* --out "$OUT/report.html"
+echo "thesis: sweep report $OUT/sweep/report.html, comparison table $OUT/report.md, report $OUT/report.html"

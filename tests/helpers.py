@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
@@ -29,6 +31,26 @@ REPLICA_OVERRIDES = ["data.crop=2560", "data.batch_size=5", "pipeline.stages=[]"
 def cfg_for(run_dir, *extra):
     """The smoke config, FAST, in ``run_dir``."""
     return load_config("configs/smoke.yaml", [*FAST, f"run.dir={run_dir}", *extra])
+
+
+def small_run(run_dir, *extra) -> str:
+    """A 3-step smoke run in ``run_dir`` (4 modules: BatchNorm, Gaussian heads, a GRU; one stage),
+    checkpoints at steps 2 and 3; its directory."""
+    from vgim_dist.launch import train  # the trainer's imports only for the tests that train
+    train(cfg_for(run_dir, "run.steps=3", "checkpoint.every=2", "pipeline.stages=[]", *extra))
+    return str(run_dir)
+
+
+def noise_corpus(root: Path, lengths: list[int], seed: int = 0) -> Path:
+    """A folder corpus (`vgim data prepare --format folder`) of one WAV per length, in samples: tones in
+    noise, two speakers."""
+    rng = np.random.default_rng(seed)
+    for i, n in enumerate(lengths):
+        t = np.arange(n) / 16000
+        x = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.05 * rng.standard_normal(n)
+        (root / f"spk{i % 2}").mkdir(parents=True, exist_ok=True)
+        sf.write(root / f"spk{i % 2}" / f"utt{i:02d}.wav", x.astype(np.float32), 16000, subtype="PCM_16")
+    return root
 
 
 def run_cli(*args, **kw) -> subprocess.CompletedProcess:

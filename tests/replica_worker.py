@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from vgim_dist.config import load_config
 from vgim_dist.data.source import NoiseSource
 from vgim_dist.parallel.data_parallel import ReplicaGroup, split_sizes
+from vgim_dist.parallel.deepspeed_engine import end_process
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.stage import Stage
 
@@ -52,6 +53,7 @@ def main(rank: int, world: int, init: str, out: str, steps: int, resume_at: int,
         state.update({f"metric.{k}": v.reshape(1) for k, v in metrics.items()})
     save_file({**state, "output": torch.cat(outputs).contiguous()}, f"{out}.{rank}")
     dist.destroy_process_group()
+    end_process(0)   # DeepSpeed's gloo threads: no C++ static teardown (vgim does the same)
 
 
 if __name__ == "__main__":

@@ -121,3 +121,51 @@ def test_prefetch_runs_ahead_and_close_stops_it(make):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="no manifest.json"):
         list(iter_utterances(str(tmp_path), "train"))
+
+
+def _rot(path, every: int = 997) -> None:
+    """Flip one bit every ``every`` KiB or so, all through the file: bit rot that no decoder would notice."""
+    data = bytearray(path.read_bytes())
+    for at in range(100, len(data), every * 1024 // 7):
+        data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("harm", ["bit rot", "truncated", "no sidecar"])
+def test_a_damaged_shard_cache_file_is_discarded_and_unpacked_again(make, tmp_path, caplog, harm):
+    clean = make(seed=3)
+    want = [_digest(clean.batch(s)) for s in range(4)]
+    clean.close()
+    files = sorted((tmp_path / "cache").rglob("*.arrow"))
+    assert files
+    for f in files:
+        if harm == "bit rot":
+            _rot(f)
+        elif harm == "truncated":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size * 2 // 3])
+        else:
+            f.with_name(f.name + ".xxh3").unlink()
+    caplog.set_level("WARNING", logger="vgim_dist.data.cache")
+    again = make(seed=3)
+    assert [_digest(again.batch(s)) for s in range(4)] == want
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == len(files), warned
+    reason = {"bit rot": "checksum mismatch", "truncated": "checksum mismatch", "no sidecar": "no recorded checksum"}
+    assert all(w.startswith(f"shard cache {tmp_path / 'cache'}") and reason[harm] in w and "unpacked again" in w
+               for w in warned), warned
+
+
+def test_verify_names_a_damaged_shard_cache_file(make, shards, tmp_path):
+    make().close()
+    rotten = sorted((tmp_path / "cache").rglob("*.arrow"))[1]
+    _rot(rotten)
+    verify = [sys.executable, "-m", "vgim_dist", "data", "verify", shards, "--cache-dir", str(tmp_path / "cache")]
+    r = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"shard cache {rotten}: checksum mismatch"), lines
+    assert lines[0].endswith("(removed; unpacked again from " + shards + "/"
+                             + rotten.name.rsplit("-", 1)[0] + ".parquet on the next read)"), lines
+    assert not rotten.exists()
+    r = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "all intact" in r.stdout, r.stdout + r.stderr

@@ -86,6 +86,34 @@ def test_bad_files_are_named_and_good_ones_kept(librispeech_dir, tmp_path):
     assert abs(len(back) - len(ref)) <= 1 and np.corrcoef(back[:len(ref)], ref[:len(back)])[0, 1] > 0.95
 
 
+def test_repaired_files_are_named_in_the_manifest(librispeech_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = sorted(librispeech_dir.rglob("*.flac"))[:2]
+    for p in good:
+        shutil.copy(p, src / p.name)
+    x, _ = sf.read(good[0], dtype="float32")
+    sf.write(src / "stereo.wav", np.stack([x, 0.5 * x], 1), 16000, subtype="PCM_16")
+    sf.write(src / "phone8k.wav", x[::2], 8000, subtype="PCM_16")
+    sf.write(src / "both.flac", np.stack([x[::2], x[::2]], 1), 8000, subtype="PCM_16")
+    sf.write(src / "loud.wav", 1.5 * x, 16000, subtype="FLOAT")
+    out = tmp_path / "out"
+    m = prepare(readers.folder(src), Store(str(out)), shard_size=2, log=_quiet)
+    assert m["fixes"] == {"mixed_down": 2, "resampled": 2, "clipped": 1}   # the counts, as before
+    fixed = {f["id"]: f for f in m["fixed"]}
+    assert sorted(fixed) == ["both", "loud", "phone8k", "stereo"]           # every repaired file, by name
+    assert fixed["stereo"]["fixes"] == ["mixed_down"] and fixed["stereo"]["source"].startswith("2 channels, 16000 Hz")
+    assert fixed["phone8k"]["fixes"] == ["resampled"] and fixed["phone8k"]["source"].startswith("1 channel, 8000 Hz")
+    assert fixed["both"]["fixes"] == ["mixed_down", "resampled"] and fixed["loud"]["fixes"] == ["clipped"]
+    assert fixed["stereo"]["path"].endswith("stereo.wav") and fixed["phone8k"]["path"].endswith("phone8k.wav")
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["fixed"] == m["fixed"] and on_disk["fixes"] == m["fixes"]
+    # A re-run keeps every shard and gives the same list (it is in each shard's footer).
+    log = []
+    assert prepare(readers.folder(src), Store(str(out)), shard_size=2, log=log.append)["fixed"] == m["fixed"]
+    assert all(line.startswith("kept") for line in log), log
+
+
 def test_cli_fails_loudly_when_every_file_fails(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
@@ -236,6 +264,58 @@ def test_damaged_shard_is_rebuilt_by_a_prepare_rerun_and_found_by_verify(librisp
     assert m == prepare(corpus, Store(str(clean)), shard_size=4, log=_quiet)
     assert _rows(str(out)) == _rows(str(clean))
     assert vgim_main(["data", "verify", str(out)]) == 0
+
+
+def _damaged_copies(librispeech_dir, tmp_path) -> list[Path]:
+    """Stores whose train-00001.parquet has one bit flipped: in the first rows' data pages (the offset that
+    once gave two verdicts), in the last rows', and at the middle of the file."""
+    clean = tmp_path / "clean"
+    prepare(readers.librispeech(librispeech_dir), Store(str(clean)), shard_size=4, log=_quiet)
+    shard = clean / "train-00001.parquet"
+    size, end = shard.stat().st_size, _audio_offset(shard) * 4 // 3
+    stores = []
+    for k, (offset, bit) in enumerate([(_audio_offset(shard), 5), (end // 8, 2), (size // 2, 6)]):
+        d = tmp_path / f"damaged{k}"
+        shutil.copytree(clean, d)
+        _flip(d / "train-00001.parquet", offset, bit)
+        stores.append(d)
+    return stores
+
+
+@pytest.mark.slow
+def test_verify_of_a_damaged_shard_never_aborts_and_gives_one_verdict(librispeech_dir, tmp_path):
+    # Each store verified by the CLI in fresh processes: exit 1 every time, the same line every time.
+    for store in _damaged_copies(librispeech_dir, tmp_path):
+        verdicts = set()
+        for _ in range(4):
+            r = subprocess.run([sys.executable, "-m", "vgim_dist", "data", "verify", str(store)],
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 1, (store, r.returncode, r.stderr[-500:])
+            verdicts.add(r.stderr.strip())
+        assert len(verdicts) == 1, verdicts
+        assert verdicts.pop().startswith(f"shard {store}/train-00001.parquet: ")
+
+
+def test_locating_damage_decodes_on_one_thread(librispeech_dir, tmp_path):
+    # A reader pool thread still decoding when the process exits aborts it ("terminate called without an
+    # active exception", exit 134): locating the damaged row must start none.
+    store = _damaged_copies(librispeech_dir, tmp_path)[0]
+    code = (
+        "import os, sys\n"
+        "from vgim_dist.data.shard import CorruptShard, decode\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "for _ in range(3):\n"
+        "    try:\n"
+        "        decode('x', data, None)\n"
+        "    except CorruptShard as e:\n"
+        "        print(e)\n"
+        "print('threads started', len(os.listdir('/proc/self/task')) - before)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(store / "train-00001.parquet")], capture_output=True,
+                       text=True, timeout=120)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[-1] == "threads started 0", r.stdout + r.stderr
+    assert len(set(lines[:-1])) == 1 and lines[0].startswith("shard x: row"), lines
 
 
 def _descendants_running(pid: int, title: str) -> list[int]:

@@ -147,3 +147,17 @@ def test_clean_split_refuses_syllables_of_unknown_provenance(tmp_path):
     assert len(lost) == 3 and all("provenance unknown" in s["reason"] for s in lost)
     assert clean.info["split_rule"].startswith("clean (syllables of unknown provenance left out")
     assert clean.info["provenance"]["unknown"] == 3 and len(clean.items) == 6
+
+
+def test_a_subset_folder_without_split_files_is_all_train_and_says_where_they_are(librispeech_dir, caplog):
+    """`vgim data synth librispeech OUT` writes OUT/train-clean-100/ and OUT/*_split.txt: preparing the subset
+    folder finds no split files, puts everything in train, and says so, naming the folder that has them."""
+    subset = next(d for d in librispeech_dir.iterdir() if d.is_dir())
+    with caplog.at_level("WARNING", logger="vgim_dist.data.readers"):
+        corpus = readers.librispeech(subset)
+    assert corpus.info["split_rule"] == "all train" and {it.split for it in corpus.items} == {"train"}
+    assert f"pass --split-dir {librispeech_dir}" in caplog.text
+    assert "every utterance goes to the train split" in caplog.text
+    caplog.clear()
+    readers.librispeech(librispeech_dir)
+    assert "split" not in caplog.text

@@ -239,3 +239,20 @@ def test_report_prints_the_thesis_figures_beside_thesis_runs(tmp_path, capsys):
     assert "| V-GIM (thesis, published) |  | 0.508 ± 0.019 | 0.417 ± 0.015 |" in out
     assert "| V-GIM | 1 | 0.610 (n = 1) | 0.610 (n = 1) |" in out and "| V-GIM step 0 | 1 |" in out
     assert "GIM (thesis, published)" not in out.replace("V-GIM (thesis", "")  # no GIM run, no GIM row
+
+
+def test_probes_decoder_and_report_on_a_run_from_latent_shards(setup, tmp_path):
+    """Modules 1-3 trained from module-0 latent shards of the shared run: probes of every module (module 0
+    the lower run's, frozen), a decoder on the audio the shards came from, the report naming the method."""
+    latents, upper = str(tmp_path / "m0"), str(tmp_path / "upper")
+    assert main(["encode", setup["run"], "--module", "0", "--data", setup["words"], "--out", latents]) == 0
+    train(load_config("configs/smoke.yaml", [
+        f"run.dir={upper}", f"data.uri={latents}", "data.crop=5120", "data.batch_size=4", "run.steps=4",
+        "run.threads=1", "pipeline.stages=[]", "tracking.enabled=false"]))
+    r = probe_run(upper, "vowels", setup["syllables"], settings=FAST_PROBE, track=False)
+    assert sorted(r["modules"]) == ["0", "1", "2", "3"]
+    lower = probe_run(setup["run"], "vowels", setup["syllables"], modules=[0], settings=FAST_PROBE, track=False)
+    assert r["modules"]["0"]["accuracy"] == lower["modules"]["0"]["accuracy"]     # the same frozen module
+    decoder_run(upper, 1, "mse", steps=2, batch_size=2, examples=1, draws=1, track=False)
+    html = build_report([upper], tsne=False).read_text()
+    assert "sequential greedy (modules 0-0 frozen)" in html

@@ -8,10 +8,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "vgim_dist"
 
 # Each unit (a module or subpackage; the longest matching name wins) and the units it may import.
-BASE = {"config", "data.config", "storage", "seeding", "ray_session", "errors", "progress"}
+BASE = {"config", "data.config", "layout", "run_dir", "storage", "seeding", "ray_session", "ray_private", "errors",
+        "progress"}
 ALLOWED = {
+    "__init__": {"downstream"},     # the package's own __init__: vgim_dist.load_encoder
     "__main__": {"cli"},
-    "cli": {"launch", "plan", "train", "pipeline", "eval", "tracking", "data", "model", *BASE},
+    "downstream": {"train", "model", *BASE},
+    "cli": {"launch", "sweep", "plan", "train", "pipeline", "eval", "tracking", "data", "model", "encode",
+            "sequential", *BASE},
+    "sequential": {"launch", "encode", "tracking", *BASE},
+    "encode": {"downstream", "train", "data", "model", *BASE},
+    # a sweep's trials are launches; its report reads their evaluations
+    "sweep": {"launch", "train", "eval", "tracking", *BASE},
     # eval: probes while training
     "launch": {"plan", "train", "pipeline", "eval", "tracking", "data", "model", "parallel", *BASE},
     "plan": {"train", "data", "model", *BASE},
@@ -20,15 +28,18 @@ ALLOWED = {
     "train": {"tracking", "data", "model", "parallel", *BASE},
     "model": {"parallel", *BASE},
     "parallel": {"config"},
-    "tracking": {"config", "storage", "errors"},
+    "tracking": {"config", "run_dir", "storage", "errors"},
     "data": {"data.config", "storage", "seeding", "ray_session", "config", "errors", "progress"},
-    "config": {"data.config"},
+    "config": set(),
+    "layout": {"config"},
     "errors": set(),
     "progress": set(),
-    "data.config": set(),
+    "data.config": {"config"},
     "storage": set(),
+    "run_dir": {"storage"},
     "seeding": set(),
-    "ray_session": set(),
+    "ray_session": {"ray_private"},
+    "ray_private": set(),
 }
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from vgim_dist.config import load_config
+from vgim_dist.config import ConfigError, load_config
 from vgim_dist.pipeline.runner import placement
 from vgim_dist.pipeline.transport import DEFAULT, STAGED, device_identity, link_channel
 
@@ -42,6 +42,27 @@ def test_placement_asks_for_a_share_of_a_gpu():
     cpu = load_config("configs/smoke.yaml", [*two, "run.device=auto"])
     assert placement(cpu, {"CPU": 2}) == (False, {"CPU": 1.0})
     assert placement(cpu, {"CPU": 1}) == (False, {"CPU": 0.5})
+
+
+def test_worker_threads_never_exceed_the_cpus_ray_reserves():
+    two = ["run.runner=pipeline", "pipeline.stages=[[0], [1, 2, 3]]"]
+
+    def cpus(*overrides: str, cluster: float = 16) -> float:
+        return placement(load_config("configs/smoke.yaml", [*two, *overrides]), {"CPU": cluster})[1]["CPU"]
+
+    # Default reservation: run.threads CPUs each when more than one, else a share of at most one CPU.
+    assert cpus("run.threads=2") == 2.0 and cpus("run.threads=3", cluster=6) == 3.0
+    assert cpus("run.threads=1", cluster=1) == 0.5 and cpus(cluster=2) == 1.0
+    with pytest.raises(ConfigError, match=r"2 workers x 2 threads need 4 CPUs, the Ray cluster has 2; "
+                                          r"set run.threads to at most 1"):
+        cpus("run.threads=2", cluster=2)
+    # An explicit reservation: threads within it, or refused naming both numbers.
+    assert cpus("pipeline.cpus_per_stage=2", "run.threads=2") == 2.0
+    assert cpus("pipeline.cpus_per_stage=4") == 4.0 and cpus("pipeline.cpus_per_stage=0.5") == 0.5
+    with pytest.raises(ConfigError, match=r"run.threads = 4 exceeds pipeline.cpus_per_stage = 2"):
+        cpus("pipeline.cpus_per_stage=2", "run.threads=4")
+    with pytest.raises(ConfigError, match=r"run.threads = 2 exceeds pipeline.cpus_per_stage = 0.5"):
+        cpus("pipeline.cpus_per_stage=0.5", "run.threads=2")
 
 
 def _where(config: dict) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -93,6 +94,11 @@ def test_parent_has_config_environment_and_artifacts(mlflow_server, tracked):
     assert r.text.startswith("seed: 0") and "channels: 32" in r.text
     metrics = {m["key"]: m for m in parent["data"]["metrics"]}
     assert metrics["module.3.nce"]["step"] == 4 and metrics["module.3.nce"]["value"] == summary["final"]["module.3.nce"]
+    # The whole curve, not one dot: the parent is the page a user lands on.
+    rows = [json.loads(line) for line in (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()]
+    history = get(mlflow_server, "metrics/get-history", run_id=parent["info"]["run_id"], metric_key="module.0.nce")
+    assert [(m["step"], m["value"]) for m in history["metrics"]] == [(r["step"], r["module.0.nce"]) for r in rows]
+    assert len(rows) == 2
 
 
 @pytest.mark.slow
@@ -166,7 +172,10 @@ def test_resume_logs_into_the_same_runs_without_duplicate_steps_and_vgim_ui_show
 
 
 @pytest.mark.slow
-def test_a_store_that_is_down_does_not_stop_training(tmp_path, caplog):
+def test_a_store_that_is_down_does_not_stop_training(tmp_path, monkeypatch, caplog):
+    from vgim_dist.tracking import logger as tracking_logger
+
+    monkeypatch.setattr(tracking_logger, "CLOSE_GRACE_S", 2.0)   # how long a closing stage tries again
     down = f"http://127.0.0.1:{free_port()}"
     with caplog.at_level(logging.WARNING):
         summary = train(cfg_for(tmp_path, "run.steps=2", f"tracking.uri={down}"))
@@ -178,7 +187,7 @@ def test_a_store_that_is_down_does_not_stop_training(tmp_path, caplog):
         with StageLogger(StageRef(down, "0" * 32, 1, 1, 2, False)) as logger:
             logger.log(2, {"module.1.nce": 1.0})
             logger.log(4, {"module.1.nce": 1.0})
-    assert logger.counters == {"sent": 0, "delayed": 0, "dropped": 2}
+    assert logger.counters == {"sent": 0, "delayed": 0, "dropped": 2, "unanswered": 0}   # refused: never sent
     assert any(r.message.startswith("tracking: stage 1 sent 0 metric rows") and "dropped 2" in r.message
                for r in caplog.records)
 
@@ -229,7 +238,7 @@ def test_rows_kept_through_an_outage_reach_the_run_once(mlflow_server, monkeypat
         logger.log(step, {"x": float(step)})
     logger.close()
     assert steps(mlflow_server, run_id, "x") == [1, 2, 3, 4] and not logger.pending
-    assert logger.counters == {"sent": 4, "delayed": 2, "dropped": 0}
+    assert logger.counters == {"sent": 4, "delayed": 2, "dropped": 0, "unanswered": 0}
 
 
 @pytest.mark.slow
@@ -324,7 +333,7 @@ def test_a_password_in_the_tracking_uri_is_never_written(mlflow_server, tmp_path
 @pytest.mark.slow
 def test_run_names_and_the_experiment_open_on_training_runs(mlflow_server, tracked):
     cfg, _, parent = tracked
-    assert parent["info"]["run_name"] == "smoke V-GIM s0 reference"
+    assert parent["info"]["run_name"] == "smoke V-GIM s0 reference 4 steps on noise"
     assert [r["info"]["run_name"] for r in children(mlflow_server, parent)] == ["stage-0 (M0)", "stage-1 (M1-M3)"]
     exp = get(mlflow_server, "experiments/get", experiment_id=parent["info"]["experiment_id"])["experiment"]
     assert EXPERIMENT_KIND.items() <= {t["key"]: t["value"] for t in exp.get("tags", [])}.items()

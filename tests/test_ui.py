@@ -1,8 +1,10 @@
 """The MLflow UI as a user sees it: `vgim ui` over a tracked run, checked through its REST API (the experiment
 opens on training runs; one parent run and a child per stage, each with its own system metrics) and in a
-headless Chromium (Debian's `chromium`, installed by scripts/setup.sh), whose screenshot must show a page."""
+headless Chromium (Debian's `chromium`, installed by scripts/setup.sh), whose screenshot must show a page and
+whose run pages must stay in the training view and draw loss curves."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import requests
 
 from vgim_dist.config import load_config
 from vgim_dist.launch import train
-from vgim_dist.tracking.server import free_port, wait_ready
+from vgim_dist.tracking.server import free_port, ui_address, wait_ready
 from vgim_dist.tracking.tracker import EXPERIMENT_KIND
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -30,6 +32,20 @@ def screenshot(url: str, path, wait_ms: int = 30000) -> None:
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--screenshot={path}", "--window-size=1600,1000", f"--virtual-time-budget={wait_ms}", url],
                    capture_output=True, timeout=300, check=True)
+
+
+def rendered(url: str, until: str = "") -> str:
+    """The page's DOM after its scripts ran for 30 s of virtual time (longer, up to 180 s, until the regex
+    ``until`` matches: charts wait on the server, which virtual time does not speed up), scripts and styles
+    left out."""
+    for budget in (30000, 90000, 180000):
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                              f"--virtual-time-budget={budget}", url], capture_output=True, text=True,
+                             timeout=600).stdout
+        dom = re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S)
+        if not until or re.search(until, dom):
+            break
+    return dom
 
 
 @pytest.mark.slow
@@ -55,7 +71,7 @@ def test_ui_opens_on_the_training_runs_of_a_tracked_job(tmp_path):
         runs = api(url, "runs/search", {"experiment_ids": [ids["experiment_id"]]})["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
         parents = [r for r, t in zip(runs, tags) if "mlflow.parentRunId" not in t]
-        assert [p["info"]["run_name"] for p in parents] == ["smoke V-GIM s0 reference"]
+        assert [p["info"]["run_name"] for p in parents] == ["smoke V-GIM s0 reference 6 steps on noise"]
         kids = sorted(r["info"]["run_name"] for r, t in zip(runs, tags)
                       if t.get("mlflow.parentRunId") == parents[0]["info"]["run_id"])
         assert kids == ["stage-0 (M0)", "stage-1 (M1-M3)"]
@@ -69,10 +85,19 @@ def test_ui_opens_on_the_training_runs_of_a_tracked_job(tmp_path):
         assert image.shape[:2] == (1000, 1600)
         # A page, not a blank or an error: many distinct colours (text, table, charts).
         assert len(np.unique((image[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 50
-        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                              "--virtual-time-budget=30000", page],
-                             capture_output=True, text=True, timeout=300).stdout
-        assert "smoke V-GIM s0 reference" in dom          # the runs table, with the job's name
+        dom = rendered(page)
+        assert "smoke V-GIM s0 reference 6 steps on noise" in dom          # the runs table, with the job's name
+
+        # Run pages at the addresses vgim prints (`tracking: see it at ...`) keep the training view: the
+        # breadcrumb says Runs, never Evaluations, and the parent's Model metrics draw curves, not dots.
+        for run in (parents[0]["info"]["run_id"], *(s["run_id"] for s in ids["stages"])):
+            page = rendered(ui_address(url, ids["experiment_id"], run))
+            assert "Model training" in page and "Evaluation" not in page, run
+        line = r'class="js-line"[^>]*\bd="([^"]*)"'
+        charts = rendered(ui_address(url, ids["experiment_id"], parents[0]["info"]["run_id"]).replace(
+            "?", "/model-metrics?"), until=line)
+        lines = re.findall(line, charts)
+        assert any(d.count("L") >= 2 for d in lines), lines[:5]        # steps 2, 4 and 6 joined by a line
     finally:
         ui.terminate()
         ui.wait(timeout=60)

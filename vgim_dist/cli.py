@@ -15,7 +15,7 @@ import socket
 import sys
 
 from vgim_dist import __version__
-from vgim_dist.config import ConfigError, load_config
+from vgim_dist.config import ConfigError, check_uri, load_config
 from vgim_dist.errors import UserError
 
 RAY_CONNECT_TIMEOUT_S = 10
@@ -72,6 +72,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vgim_dist.sweep.spec import load_sweep, plan  # noqa: PLC0415
+
+    sweep = load_sweep(args.sweep, args.overrides)
+    trials = plan(sweep, args.sweep)     # every trial's config validated before anything starts
+    if args.dry_run:
+        from vgim_dist.sweep.run import dry_run  # noqa: PLC0415
+
+        print(dry_run(trials))
+        return 0
+    if args.address:
+        check_ray_address(args.address)
+    from vgim_dist.sweep.run import run_sweep, table  # noqa: PLC0415
+
+    rows = run_sweep(sweep, args.sweep, address=args.address, resume=args.resume)
+    print(table(rows), end="")
+    failed = [r["name"] for r in rows if r["status"] not in ("FINISHED", "STOPPED")]   # STOPPED: early stopping
+    if failed:
+        print(f"vgim sweep: {len(failed)} of {len(rows)} trials did not finish: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from vgim_dist.model import describe  # noqa: PLC0415
@@ -116,6 +138,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encode(args: argparse.Namespace) -> int:
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}", "vgim encode")
+    if args.workers and args.address:
+        raise UserError("--workers and --address both given", "vgim encode",
+                        "give --workers N for a Ray on this machine or --address HOST:PORT for a cluster")
+    for key in ("--data", "--out"):
+        try:
+            check_uri(key, getattr(args, key[2:]), schemes=("s3",))
+        except ConfigError as e:
+            raise UserError(str(e), "vgim encode", "give a local folder or s3://bucket/prefix") from None
+    if args.address:
+        check_ray_address(args.address)
+    from vgim_dist.data.store import StoreError  # noqa: PLC0415 - torch and the model only for this command
+    from vgim_dist.encode import EncodeError, encode  # noqa: PLC0415
+
+    try:
+        m = encode(args.run, args.module, args.data, args.out, step=args.step, what=args.what, dtype=args.dtype,
+                   chunk_seconds=args.chunk_seconds, endpoint_url=args.endpoint_url, workers=args.workers,
+                   address=args.address)
+    except (EncodeError, StoreError) as e:
+        raise UserError(str(e), args.run, "check the run directory, --module, --data and --out") from e
+    print(json.dumps({"out": args.out, "step": m["provenance"]["step"], "module": args.module,
+                      "utterances": {k: v["utterances"] for k, v in m["splits"].items()},
+                      "frames": {k: v["frames"] for k, v in m["splits"].items()}, "hop": m["hop"],
+                      "channels": m["channels"], "parts": m["parts"], "dtype": m["dtype"],
+                      "skipped": len(m["skipped"])}))
+    return 0
+
+
+def cmd_sequential(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from vgim_dist.sequential import sequential  # noqa: PLC0415 - torch, Ray and MLflow only for this command
+    from vgim_dist.train.loop import Interrupted  # noqa: PLC0415
+
+    try:
+        result = sequential(cfg, dtype=args.dtype, chunk_seconds=args.chunk_seconds, workers=args.workers)
+    except Interrupted:
+        print("vgim sequential: stopped, checkpoint saved; run the same command again to continue", file=sys.stderr)
+        return 130
+    print(json.dumps({"encoder": result["encoder"], "steps": [s["steps"] for s in result["modules"]]}))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from vgim_dist.config import describe_keys, dump_config  # noqa: PLC0415
 
@@ -145,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "127.0.0.1:6379 (default: RAY_ADDRESS, else Ray starts on this machine)")
     p.set_defaults(func=cmd_train)
 
+    p = add("sweep", help="many runs at once on Ray Tune: a search space over config keys, each trial probed")
+    p.add_argument("sweep", help="YAML sweep file, e.g. configs/sweeps/kld.yaml (docs/sweeps.md)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep file value, e.g. --set dir=runs/kld --set eval.0.data=... (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in its dir: finished trials are "
+                   "kept, unfinished ones continue from their checkpoints")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
+    p.add_argument("--address", default="", help="Ray cluster to run the trials on, e.g. 127.0.0.1:6379 "
+                   "(default: RAY_ADDRESS, else Ray starts on this machine)")
+    p.set_defaults(func=cmd_sweep)
+
     p = add("inspect", help="table of modules: parameters, frames, hop, receptive field")
     _add_config_args(p)
     p.add_argument("--samples", type=int, default=0, help="input length in samples (default: data.crop)")
@@ -162,6 +239,35 @@ def build_parser() -> argparse.ArgumentParser:
                    "profile in <run.dir>/plan/")
     p.set_defaults(func=cmd_plan)
 
+    p = add("encode", help="a trained run's modules 0..K over audio shards -> latent shards (docs/latents.md)")
+    p.add_argument("run", help="run directory (local or s3://bucket/prefix)")
+    p.add_argument("--module", type=int, required=True, help="the top module K: its output is stored")
+    p.add_argument("--data", required=True, help="audio shards (`vgim data prepare`), local or s3://")
+    p.add_argument("--out", required=True, help="where the latent shards go, local or s3://")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest committed)")
+    p.add_argument("--what", choices=("params", "mean"), default="params", help="params: a variational "
+                   "module's mean and log-variance, so that a module trained on them samples as in the "
+                   "pipeline; mean: the features alone")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--chunk-seconds", type=float, default=10.0, help="longer utterances run in chunks of this "
+                   "length, overlapping by the receptive field (the result equals the whole-utterance forward)")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--workers", type=int, default=0, help="encode shards in parallel as Ray tasks on a private "
+                   "Ray with this many CPUs (default 0: one process)")
+    p.add_argument("--address", default="", help="encode shards as Ray tasks on this Ray cluster, e.g. "
+                   "10.0.0.5:6379 or auto; every node must reach the run directory and the shards")
+    p.set_defaults(func=cmd_encode)
+
+    p = add("sequential", help="sequential greedy training: module 0 for run.steps steps, its outputs stored as "
+            "latent shards, module 1 on them, ... (docs/latents.md); run again to continue after a stop")
+    _add_config_args(p)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="of the latent shards between modules")
+    p.add_argument("--chunk-seconds", type=float, default=10.0, help="vgim encode's chunk length")
+    p.add_argument("--workers", type=int, default=0, help="encode shards as Ray tasks on a private Ray with this "
+                   "many CPUs (default 0: one process)")
+    p.set_defaults(func=cmd_sequential)
+
     p = add("config", help="print the resolved config, or every key with its type and default")
     p.add_argument("config", nargs="?", help="YAML experiment file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -177,13 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_tracking_commands(sub)
     add_eval_commands(sub)
     _show_defaults(parser)
+    _accept_debug_everywhere(parser)
     return parser
 
 
+def _accept_debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after any subcommand at any depth, as the error lines suggest (``vgim train ... --debug``).
+
+    A subcommand's copy has no default (``SUPPRESS``), so it never overwrites the one given before the
+    subcommand (``vgim --debug train ...``).
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                if not any("--debug" in a.option_strings for a in p._actions):
+                    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                   help="show the traceback of an error (also VGIM_DEBUG=1)")
+                _accept_debug_everywhere(p)
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """The help formatter that shows defaults, for every subcommand at every depth."""
+    """The help formatter that shows defaults, for every subcommand at every depth. An option without help
+    text gets one saying its default: argparse prints nothing at all for an option without help."""
     parser.formatter_class = HelpFormatter
     for action in parser._actions:
+        if action.option_strings and not action.help and not action.required and action.default != argparse.SUPPRESS:
+            action.help = "default: none" if action.default in (None, "", []) else "default: %(default)s"
         if isinstance(action, argparse._SubParsersAction):
             for p in action.choices.values():
                 _show_defaults(p)
@@ -195,7 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("VGIM_DEBUG", "") not in ("", "0")
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()   # inside the try: a closed pipe may only show at the last flush
+        engine = sys.modules.get("vgim_dist.parallel.deepspeed_engine")   # loaded only where a stage used it
+        if engine and argv is None:   # run as the program, not called from Python: DeepSpeed needs a hard exit
+            engine.end_process(code)
+        return code
+    except BrokenPipeError:   # the reader went away (`vgim config --keys | head`): end quietly, as Unix tools do
+        if sys.stdout is sys.__stdout__:   # the real standard output (not a caller's capture): nothing to flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         if debug:
             raise

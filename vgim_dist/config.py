@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
@@ -17,8 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
-from vgim_dist.data.config import DataConfig
 
 
 class ConfigError(ValueError):
@@ -35,6 +34,28 @@ def _opt(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: flo
 
 
 # --------------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class DataConfig:
+    uri: str = _opt("noise://", doc="shard directory (path or s3://), or 'noise://' for seeded random audio "
+                    "(tests, benchmarks)")
+    crop: int = _opt(20480, lo=1, doc="samples per training window (16 kHz)")
+    batch_size: int = _opt(64, lo=1)
+    grid: int = _opt(160, lo=1, doc="crop offsets are multiples of this")
+    short: Literal["skip", "pad"] = _opt("skip", doc="utterances shorter than a crop: left out, or zero-padded "
+                                         "at the end")
+    split: str = _opt("train", doc="shard split used for training")
+    prefetch: int = _opt(2, lo=0, doc="batches built ahead in a background thread")
+    endpoint_url: str = _opt("", doc="S3-compatible endpoint for s3:// URIs; empty = AWS_ENDPOINT_URL or AWS itself")
+    cache_dir: str = _opt("", doc="where shards are unpacked for memory-mapping; empty = $VGIM_CACHE or "
+                          "~/.cache/vgim_dist")
+    lower_run: str = _opt("", doc="a trained run whose modules 0..data.lower_module are loaded and frozen; "
+                          "this run trains the modules above (docs/latents.md). Filled in from the manifest "
+                          "when data.uri holds latent shards (vgim encode)")
+    lower_step: int = _opt(0, lo=0, doc="the checkpoint step of data.lower_run")
+    lower_module: int = _opt(-1, lo=-1, doc="the top frozen module of data.lower_run; -1: none, every module "
+                             "trains")
 
 
 @dataclass
@@ -135,6 +156,8 @@ class TrackingConfig:
                     "MLFLOW_TRACKING_USERNAME/PASSWORD, not the URI")
     experiment: str = "vgim"
     model_name: str = _opt("", doc="registered model name; '' = do not register")
+    parent_run: str = _opt("", doc="MLflow run id this job's run nests under (vgim sweep sets it to the "
+                           "sweep's run); '' = a top-level run")
     flush_every: int = _opt(10, lo=1, doc="metric rows a stage buffers before one log_batch request")
     retries: int = _opt(3, lo=1, doc="attempts per request to the tracking store, with exponential backoff")
     max_pending: int = _opt(10000, lo=1, doc="metric rows a stage holds while the store is slow or away; "
@@ -180,7 +203,7 @@ class Config:
         """The module indices of each stage (one stage with every module when none are given)."""
         if self.pipeline.stages == "auto":
             raise ConfigError("pipeline.stages: auto has not been planned yet (vgim_dist.plan.auto)")
-        return self.pipeline.stages or [list(range(len(self.model.modules)))]
+        return self.pipeline.stages or [list(range(self.data.lower_module + 1, len(self.model.modules)))]
 
     def stage_replicas(self) -> list[int]:
         """Workers per stage (1 each unless ``pipeline.replicas`` says otherwise)."""
@@ -201,6 +224,12 @@ class Config:
         n = len(self.model.modules)
         if n == 0:
             raise ConfigError("model.modules: at least one module is required")
+        if self.data.lower_module >= n - 1:
+            raise ConfigError(f"data.lower_module: {self.data.lower_module} leaves no module to train of the "
+                              f"{n} in model.modules")
+        if (self.data.lower_module >= 0) != bool(self.data.lower_run):
+            raise ConfigError("data.lower_run and data.lower_module: give both (a run and its top frozen module) "
+                              "or neither")
         for i, m in enumerate(self.model.modules):
             if not m.layers and not m.autoregressor:
                 raise ConfigError(f"model.modules.{i}: a module needs conv layers, an autoregressor, or both")
@@ -219,27 +248,50 @@ class Config:
             if self.pipeline.replicas == "auto" and self.run.runner != "pipeline":
                 raise ConfigError("pipeline.replicas: auto needs run.runner: pipeline")
             return  # the split is checked once planned
-        flat = [i for s in self.stage_modules() for i in s]
-        if flat != list(range(n)) or any(not s for s in self.stage_modules()):
-            raise ConfigError(f"pipeline.stages: {self.pipeline.stages} must split modules 0..{n - 1} into "
-                              f"non-empty contiguous runs in order, e.g. [[0], [1, 2, 3]]")
-        reps, stages = self.pipeline.replicas, len(self.stage_modules())
-        if reps:
-            if len(reps) != stages or min(reps) < 1:
-                raise ConfigError(f"pipeline.replicas: {reps} must give a count >= 1 for each of the {stages} "
-                                  f"stages {self.stage_modules()}")
-            for s in range(stages - 1):
-                if 1 not in (reps[s], reps[s + 1]) and reps[s] != reps[s + 1]:
-                    raise ConfigError(f"pipeline.replicas: stages {s} and {s + 1} have {reps[s]} and "
-                                      f"{reps[s + 1]} replicas; neighbours need equal counts, or 1 on one side")
-            if max(reps) > 1 and self.run.runner != "pipeline":
-                raise ConfigError(f"pipeline.replicas: {reps} needs run.runner: pipeline")
+        check_layout(self)
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def check_replicas(replicas: list[int] | tuple[int, ...]) -> None:
+    """Neighbouring stages have equal replica counts, or 1 on one side (docs/pipeline.md)."""
+    for s in range(len(replicas) - 1):
+        a, b = replicas[s], replicas[s + 1]
+        if a != b and min(a, b) != 1:
+            raise ConfigError(f"pipeline.replicas: stages {s} and {s + 1} have {a} and {b} replicas; neighbours "
+                              "need equal counts, or 1 on one side")
+
+
+def check_layout(cfg: Config) -> None:
+    """Every rule a (planned) layout obeys, whoever made it (the config, the planner, a re-plan); each message
+    carries the numbers that broke it."""
+    n, stages, first = len(cfg.model.modules), cfg.stage_modules(), cfg.data.lower_module + 1
+    flat = [i for s in stages for i in s]
+    if not first and flat and flat[0] > 0 and cfg.data.uri != "noise://":
+        first = flat[0]     # latent shards of module first - 1, perhaps: the launch reads their manifest and checks
+    if flat != list(range(first, n)) or any(not s for s in stages):
+        frozen = f" (modules 0..{first - 1} are frozen: data.lower_module = {first - 1})" if first else ""
+        raise ConfigError(f"pipeline.stages: {cfg.pipeline.stages} must split modules {first}..{n - 1} into "
+                          f"non-empty contiguous runs in order, e.g. {[[first], list(range(first + 1, n))]}{frozen}")
+    reps = cfg.pipeline.replicas
+    if reps:
+        if len(reps) != len(stages) or min(reps) < 1:
+            raise ConfigError(f"pipeline.replicas: {reps} must give a count >= 1 for each of the {len(stages)} "
+                              f"stages {stages}")
+        check_replicas(reps)
+        if max(reps) > 1 and cfg.run.runner != "pipeline":
+            raise ConfigError(f"pipeline.replicas: {reps} needs run.runner: pipeline")
 
 
 # --------------------------------------------------------------------------------------------- URIs
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.*)$")
 _USERINFO = re.compile(r"(?<=://)([^/@\s:]*)(:[^/@\s]*)?@")     # scheme://user[:password]@host
+
+
+_MISTYPED_URI = re.compile(r"(s3|sqlite|file|https?)//+(.*)$", re.IGNORECASE)
+log = logging.getLogger(__name__)
 
 
 def check_uri(key: str, value: str, schemes: tuple[str, ...]) -> None:
@@ -249,6 +301,9 @@ def check_uri(key: str, value: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}: empty; give a local path or {schemes[0]}://...")
     m = _SCHEME.match(value)
     if not m or len(m.group(1)) == 1:        # a plain path (or a Windows drive letter)
+        if typo := _MISTYPED_URI.match(value):
+            log.warning("%s: %r is taken as a local folder, but looks like a URI with its colon missing; did you "
+                        "mean %s://%s?", key, redact(value), typo.group(1), typo.group(2))
         return
     scheme, rest = m.group(1).lower(), m.group(2)
     if scheme not in schemes:
@@ -273,6 +328,8 @@ def _field_names(cls: type) -> list[str]:
 def _coerce(value: Any, tp: Any, key: str, meta: dict | None = None) -> Any:
     """Check ``value`` against the type hint ``tp``; return it converted (YAML strings like 2e-4 -> float)."""
     origin = typing.get_origin(tp)
+    if tp is Any:   # checked where it is used (a sweep's values, by the config they end up in)
+        return value
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
@@ -299,6 +356,11 @@ def _coerce(value: Any, tp: Any, key: str, meta: dict | None = None) -> Any:
             return _coerce(value, args[-1], key, meta)
         except ConfigError:
             raise ConfigError(f"{key}: expected {' or '.join(_kind(a) for a in args)}, got {value!r}") from None
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -390,23 +452,56 @@ def apply_override(tree: dict, assignment: str) -> None:
         node[last] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or the defaults), apply dotted overrides, type-check and validate."""
+def yaml_error(path: str | Path, e: yaml.YAMLError) -> str:
+    """A YAML error as one line naming the file, the line and the column: ``f.yaml, line 3, column 8: ...``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
+
+
+def read_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A YAML file's mapping (empty without a file), dotted overrides applied; unchecked."""
     tree: dict = {}
     if path is not None:
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
+            tree = _yaml_tree(Path(path).read_text(), path)
+        except OSError as e:
             raise ConfigError(f"{path}: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
     for o in overrides:
         apply_override(tree, o)
-    cfg = from_dict(Config, tree)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults), apply dotted overrides, type-check and validate."""
+    cfg = from_dict(Config, read_tree(path, overrides))
     if not cfg.run.name and path is not None:
         cfg.run.name = Path(path).stem
     cfg.validate()
     return cfg
+
+
+def config_from_text(text: str, where: str) -> Config:
+    """A config written out by `dump_config` (a run directory's ``config.yaml``, local or on S3), validated;
+    ``where`` names it in errors."""
+    try:
+        cfg = from_dict(Config, _yaml_tree(text, where))
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+def _yaml_tree(text: str, where: str | Path) -> dict:
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_error(where, e)) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    return tree
 
 
 def _kind(tp: Any) -> str:

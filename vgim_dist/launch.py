@@ -17,23 +17,26 @@ import torch
 from vgim_dist.config import Config, dump_config
 from vgim_dist.errors import UserError
 from vgim_dist.eval.monitor import ProbeMonitor
+from vgim_dist.layout import Hardware, ResolvedRun, resolve_run
 from vgim_dist.model import describe
 from vgim_dist.plan.auto import replanner, resolve as resolve_plan
-from vgim_dist.storage import absolute_uri, open_dir, write_bytes
+from vgim_dist.run_dir import RunDir
+from vgim_dist.storage import absolute_uri
 from vgim_dist.tracking import StageLogger
 from vgim_dist.tracking.tracker import RunTracker, move_credentials_to_env
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.encoder import load_encoder
 from vgim_dist.train.loop import Interrupted
+from vgim_dist.train.lower import resolve_lower
 from vgim_dist.train.metrics import MetricsLog
 from vgim_dist.train.stage import configure_torch, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config) -> RunDir:
     """What a run needs before it starts, each failure naming its key: frames enough for InfoNCE, a run
-    directory and shards it can reach (S3 credentials included)."""
+    directory and shards it can reach (S3 credentials included). The run directory, reached."""
     for r in describe(cfg.model, cfg.data.crop):
         if r["frames"] <= cfg.model.prediction_steps:
             need = next(n for n in range(cfg.data.crop, 100 * cfg.data.crop + 1, 160)
@@ -43,8 +46,8 @@ def check_inputs(cfg: Config) -> None:
                             f"{cfg.model.prediction_steps}", "data.crop",
                             f"set data.crop to at least {need}, or lower model.prediction_steps")
     try:
-        fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
-        fs.exists(root)
+        run_dir = RunDir.of(cfg)
+        run_dir.exists(run_dir.root)
     except Exception as e:
         raise UserError(f"cannot reach the run directory: {type(e).__name__}: {str(e).splitlines()[0]}",
                         f"run.dir={cfg.run.dir}", _store_hint(cfg.run.dir)) from e
@@ -56,6 +59,8 @@ def check_inputs(cfg: Config) -> None:
             read_manifest(Store(cfg.data.uri, cfg.data.endpoint_url))
         except StoreError as e:
             raise UserError(str(e), f"data.uri={cfg.data.uri}", _store_hint(cfg.data.uri)) from e
+    resolve_lower(cfg)      # latent shards at data.uri, or data.lower_run: the frozen modules, checked
+    return run_dir
 
 
 def _store_hint(uri: str) -> str:
@@ -65,11 +70,11 @@ def _store_hint(uri: str) -> str:
     return "check the path; shards come from `vgim data prepare`"
 
 
-def start_step(cfg: Config, resume: bool) -> int:
+def start_step(cfg: Config, run_dir: RunDir, resume: bool) -> int:
     """The step the run starts from, decided before anything is written: 0 for a new run; with ``resume``, the
     newest intact committed checkpoint (0 if the run stopped before its first). Refuses a run directory that
     holds checkpoints without ``resume``, and ``resume`` of a run directory that holds no run."""
-    checkpoints = CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url)
+    checkpoints = CheckpointManager(run_dir)
     latest = checkpoints.latest()
     if not resume:
         if latest is not None:
@@ -77,8 +82,7 @@ def start_step(cfg: Config, resume: bool) -> int:
                                   f"(run.dir={cfg.run.dir}); pass --resume to continue it, or choose another run.dir")
         return 0
     if latest is None:
-        fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
-        if not fs.exists(f"{root}/config.yaml"):
+        if not run_dir.exists(run_dir.config):
             raise FileNotFoundError(f"--resume: run.dir {cfg.run.dir} holds no run (no config.yaml, no "
                                     "checkpoint); check run.dir, or drop --resume to start a new run")
         log.warning("--resume: no checkpoint under %s yet, starting at step 0", cfg.run.dir)
@@ -92,17 +96,27 @@ def absolute_paths(cfg: Config) -> Config:
     cfg = copy.deepcopy(cfg)
     cfg.run.dir = absolute_uri(cfg.run.dir)
     cfg.data.uri = absolute_uri(cfg.data.uri)
+    cfg.data.lower_run = absolute_uri(cfg.data.lower_run)
     cfg.data.cache_dir = absolute_uri(cfg.data.cache_dir)
     cfg.tracking.uri = absolute_uri(cfg.tracking.uri)
+    cfg.eval.data = absolute_uri(cfg.eval.data)
     return cfg
 
 
-def default_threads(cfg: Config) -> int:
-    """Torch threads of each stage's process when run.threads is 0: for a pipeline worker the whole CPUs it
-    reserves, at least one (what Ray itself would give it); for the reference runner this process's default."""
-    if cfg.run.runner == "pipeline":
-        return max(1, int(cfg.pipeline.cpus_per_stage))
-    return torch.get_num_threads()
+def resolve(cfg: Config, run_dir: RunDir) -> tuple[Config, ResolvedRun, dict | None]:
+    """The resolution phase: ``cfg`` planned (``auto`` stages or replicas) and laid out on its hardware, once,
+    and logged; the config gets the run's thread count, part of its numbers (config.yaml records it). A
+    pipeline's CPUs and GPUs per worker are placed when its runner has joined the Ray cluster."""
+    cfg, plan = resolve_plan(cfg, run_dir)      # pipeline.stages / replicas: auto -> a plan for this hardware
+    here = None
+    if cfg.run.runner == "reference":   # a pipeline trains on its workers' devices (a head may have no GPU)
+        device = resolve_device(cfg.run.device)
+        here = Hardware(os.cpu_count() or 1, torch.cuda.device_count() if device.type == "cuda" else 0,
+                        torch.get_num_threads())
+    run = resolve_run(cfg, here, plan["threads"] if plan else 0)
+    cfg.run.threads = run.threads
+    log.info("resolved: %s", run.describe())
+    return cfg, run, plan
 
 
 def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
@@ -111,28 +125,24 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
     ``address``: the Ray cluster a pipeline joins (default: a submitted job's, else one started here)."""
     cfg = absolute_paths(cfg)
     move_credentials_to_env(cfg)   # before the config is written, logged or sent to a worker
-    check_inputs(cfg)              # a bad value or an unreachable store, named, before anything is written
-    start = start_step(cfg, resume)
-    cfg, plan = resolve_plan(cfg)       # pipeline.stages / replicas: auto -> a plan for this hardware
-    cfg.run.threads = cfg.run.threads or default_threads(cfg)  # part of the run's numbers: in config.yaml
-    # A pipeline trains on its workers' devices (a cluster's head may have no GPU); the reference trains here.
-    device = resolve_device(cfg.run.device) if cfg.run.runner == "reference" else cfg.run.device
+    run_dir = check_inputs(cfg)    # a bad value or an unreachable store, named, before anything is written
+    start = start_step(cfg, run_dir, resume)
+    cfg, run, plan = resolve(cfg, run_dir)      # decided once; everything below only reads it
+    device = torch.device(run.device) if cfg.run.runner == "reference" else cfg.run.device
     if cfg.run.runner == "reference":
         configure_torch(cfg.run, device)
     rows = describe(cfg.model, cfg.data.crop)
-    fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
-    write_bytes(fs, f"{root}/config.yaml", dump_config(cfg).encode())
+    run_dir.write(run_dir.config, dump_config(cfg).encode())
+    CheckpointManager(run_dir).claim(resume)  # the run's identity
 
-    log.info("device %s, %d threads per stage, deterministic %s, torch %s, python %s", device, cfg.run.threads,
-             cfg.run.deterministic, torch.__version__, platform.python_version())
-    log.info("stages %s, batch %d x %d samples, %d steps", cfg.stage_modules(), cfg.data.batch_size,
-             cfg.data.crop, cfg.run.steps)
+    log.info("deterministic %s, torch %s, python %s; batch %d x %d samples, %d steps", cfg.run.deterministic,
+             torch.__version__, platform.python_version(), cfg.data.batch_size, cfg.data.crop, cfg.run.steps)
     for r in rows:
         log.info("module %d: %.2f M params, %d x %d out, hop %d, receptive field %d", r["module"],
                  r["params"] / 1e6, r["channels"], r["frames"], r["hop"], r["receptive_field"])
     log.info("total %d trainable parameters", sum(r["params"] for r in rows))
 
-    tracker = RunTracker.start(cfg, resume)
+    tracker = RunTracker.start(cfg, resume, run_dir)
     monitor = ProbeMonitor(cfg, tracker.parent_ref()) if cfg.eval.every else None  # probes while training
     with tracker:  # a job that raises ends its MLflow runs FAILED or KILLED instead of leaving them RUNNING
         try:
@@ -143,12 +153,13 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
                     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
                 refs = [tracker.stage_ref(s) for s in range(len(cfg.stage_modules()))]
-                summary = PipelineRunner(cfg, refs, address, replanner(cfg, plan), monitor).run(start)
+                summary = PipelineRunner(cfg, refs, address, replanner(cfg, plan, run_dir), monitor,
+                                         run_dir).run(start)
             else:
                 from vgim_dist.train.reference import ReferenceRunner  # noqa: PLC0415
 
                 loggers = [StageLogger(tracker.stage_ref(s)) for s in range(len(cfg.stage_modules()))]
-                summary = ReferenceRunner(cfg, device, loggers, monitor).run(start)
+                summary = ReferenceRunner(cfg, device, loggers, monitor, run_dir).run(start)
         except Interrupted:
             tracker.end("KILLED")   # resumable
             raise
@@ -156,10 +167,10 @@ def train(cfg: Config, resume: bool = False, address: str = "") -> dict:
                    "threads": cfg.run.threads, "deterministic": cfg.run.deterministic, **summary}
         if plan:
             summary["plan"] = plan
-        write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=1).encode())
+        run_dir.write(run_dir.summary, json.dumps(summary, indent=1).encode())
         if tracker.enabled:
             step = summary["steps"]
-            history = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
+            history = MetricsLog(run_dir, cfg.run.steps)
             history.resume(step)
-            tracker.finish(summary, history.rows, lambda: load_encoder(cfg, step))
+            tracker.finish(summary, history.rows, lambda: load_encoder(cfg, step, run_dir))
     return summary

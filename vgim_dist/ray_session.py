@@ -3,31 +3,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import ray
-from ray._private import ray_constants
 
-# Ray's own lines when it starts on this machine, which the caller says instead: its start line (colour codes
-# that end up in log files) and its token-authentication warning (the token is this user's, and private).
-_START_LINES = {"ray._private.worker": logging.WARNING,
-                "ray._private.authentication.authentication_token_setup": logging.ERROR}
+from vgim_dist.ray_private import quiet_start as quiet_local_start, single_machine
 
-
-@contextmanager
-def quiet_local_start() -> Iterator[None]:
-    """Ray's start lines held back while a local Ray starts."""
-    saved = {name: logging.getLogger(name).level for name in _START_LINES}
-    for name, level in _START_LINES.items():
-        logging.getLogger(name).setLevel(level)
-    try:
-        yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
+__all__ = ["connect", "quiet_local_start"]
 
 
 def connect(address: str = "", num_cpus: int | None = None) -> bool:
@@ -43,16 +25,6 @@ def connect(address: str = "", num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address)
         return True
-    saved_env, saved = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"     # read by Ray's processes as they start
-    ray_constants.ENABLE_RAY_CLUSTER = False                        # read by this process at import
-    try:
-        with quiet_local_start():
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
-        if saved_env is None:
-            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
-        else:
-            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
+    with single_machine(), quiet_local_start():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     return True

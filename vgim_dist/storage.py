@@ -86,8 +86,12 @@ def retrying(what: str, path: str, fn: Callable[..., T], *args) -> T:
         try:
             return fn(*args)
         except Exception as e:
-            if not transient(e) or time.monotonic() + delay > deadline:
+            if not transient(e):
                 raise
+            if time.monotonic() + delay > deadline:
+                raise StorageFault(f"cannot {what} {path}: the store did not answer for {RETRY_FOR_S:.0f} s "
+                                   f"({type(e).__name__}: {' '.join(str(e).split())}); what the run committed "
+                                   "is kept: continue with --resume once the store is back") from e
             log.warning("cannot %s %s (%s: %s); retrying in %.0f s", what, path, type(e).__name__,
                         " ".join(str(e).split()), delay)
             time.sleep(delay)
@@ -112,8 +116,14 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 def _write_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     if not is_local(fs):
-        fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, data)
+        # No makedirs: an object store has no folders, and s3fs would create a missing bucket, so a store
+        # that lost its bucket mid-run would be refilled silently instead of failing.
+        try:
+            fs.pipe_file(path, data)
+        except FileNotFoundError:
+            bucket = fs.unstrip_protocol(path.split("/", 1)[0])
+            raise StorageFault(f"{shown(fs, path)}: the bucket {bucket} does not exist (vgim never creates "
+                               "one for a run: create it, or check run.dir)") from None
         return
     tmp = f"{path}{PARTIAL}{os.getpid()}"
     try:

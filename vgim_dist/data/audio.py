@@ -58,6 +58,15 @@ def load_pcm16(path: Path) -> tuple[np.ndarray, list[str]]:
     return to_pcm16(x), fixes
 
 
+def source_format(path: Path) -> str:
+    """What a repaired file was before, for the manifest: e.g. ``2 channels, 8000 Hz, PCM_16``."""
+    try:
+        info = sf.info(os.fsencode(path))
+    except Exception:  # noqa: BLE001 - it was read a moment ago; a detail is not worth failing for
+        return ""
+    return f"{info.channels} channel{'s' * (info.channels != 1)}, {info.samplerate} Hz, {info.subtype}"
+
+
 def wav_header_frames(path: Path) -> int | None:
     """Frames a RIFF/WAVE header's ``data`` chunk declares; None for other files or streamed (unsized) data."""
     with open(path, "rb") as f:

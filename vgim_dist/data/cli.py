@@ -23,7 +23,8 @@ def _synth_deboer(a: argparse.Namespace) -> int:
     counts = synth_deboer(Path(a.out), words=a.words, voices_n=a.voices, takes=a.takes, second_takes=a.second_takes,
                           difficulty=a.difficulty, engines=_engines(a.engines), seed=a.seed,
                           published_naming=a.published_naming)
-    print(f"wrote {counts} to {a.out}")
+    print(f"wrote {counts} to {a.out}; prepare it with: vgim data prepare {a.out} --format deboer --out SHARDS "
+          "(words; --level syllable for the syllables)")
     return 0
 
 
@@ -32,16 +33,12 @@ def _synth_librispeech(a: argparse.Namespace) -> int:
 
     counts = synth_librispeech(Path(a.out), speakers=a.speakers, utterances=a.utterances, difficulty=a.difficulty,
                                engines=_engines(a.engines), seed=a.seed, disjoint_speakers=a.disjoint_speakers)
-    print(f"wrote {counts} to {a.out}")
+    print(f"wrote {counts} to {a.out}; prepare it with: vgim data prepare {a.out} --format librispeech "
+          "--out SHARDS (the split files are in that folder)")
     return 0
 
 
 def _prepare(a: argparse.Namespace) -> int:
-    from vgim_dist.data import readers  # noqa: PLC0415
-    from vgim_dist.data.audio import SAMPLE_RATE  # noqa: PLC0415
-    from vgim_dist.data.prepare import MANIFEST, PrepareError, prepare  # noqa: PLC0415
-    from vgim_dist.data.store import Store, StoreError  # noqa: PLC0415
-
     src = Path(a.src)
     if a.workers < 0:
         print(f"error: --workers must be 0 or more, got {a.workers}", file=sys.stderr)
@@ -52,6 +49,12 @@ def _prepare(a: argparse.Namespace) -> int:
         check_uri("--out", a.out, schemes=("s3",))
     except ConfigError as e:
         raise UserError(str(e), "vgim data prepare", "give a local folder or s3://bucket/prefix") from None
+    # The arguments are checked before the corpus readers and the audio stack (torch, scipy) are imported.
+    from vgim_dist.data import readers  # noqa: PLC0415
+    from vgim_dist.data.audio import SAMPLE_RATE  # noqa: PLC0415
+    from vgim_dist.data.prepare import MANIFEST, PrepareError, prepare  # noqa: PLC0415
+    from vgim_dist.data.store import Store, StoreError  # noqa: PLC0415
+
     if a.format == "librispeech":
         corpus = readers.librispeech(src, split_dir=a.split_dir and Path(a.split_dir),
                                      phones=a.phones and Path(a.phones))
@@ -80,12 +83,12 @@ def _prepare(a: argparse.Namespace) -> int:
 
 
 def _verify(a: argparse.Namespace) -> int:
-    from vgim_dist.data.prepare import PrepareError, verify  # noqa: PLC0415
     from vgim_dist.data.store import Store, StoreError  # noqa: PLC0415
+    from vgim_dist.data.verify import NoManifest, verify  # noqa: PLC0415 - light: no torch, no corpus readers
 
     try:
-        n, bad = verify(Store(a.uri, a.endpoint_url), log=lambda _line: None)
-    except (StoreError, PrepareError) as e:
+        n, bad = verify(Store(a.uri, a.endpoint_url), log=lambda _line: None, cache_dir=a.cache_dir)
+    except (StoreError, NoManifest) as e:
         raise UserError(str(e), a.uri, "check the URI and --endpoint-url") from e
     for line in bad:
         print(line, file=sys.stderr)
@@ -105,7 +108,7 @@ def add_data_commands(subparsers) -> None:
         p.add_argument("--difficulty", type=float, default=1.0, help="scales pitch/rate jitter, noise, reverberation, "
                        "gain and silence jitter (0: clean; 1: SNR 10-20 dB, half the clips reverberant; docs/data.md)")
         p.add_argument("--engines", default=ENGINES, help="comma-separated speech engines to draw voices from")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed of the voices, texts and jitter")
 
     p = synth.add_parser("deboer", help="CV-CV-CV words in the de Boer layout")
     p.add_argument("out")
@@ -119,9 +122,10 @@ def add_data_commands(subparsers) -> None:
                    "corpus: all take _1, positions 1-3, test syllables from the second takes")
     variability(p)
     p.set_defaults(func=_synth_deboer)
-    p = synth.add_parser("librispeech", help="sentences by distinct voices in the LibriSpeech layout")
+    p = synth.add_parser("librispeech", help="sentences by distinct voices in the LibriSpeech layout: "
+                         "OUT/train-clean-100/<speaker>/<chapter>/ and OUT/{train,test}_split.txt; prepare OUT")
     p.add_argument("out")
-    p.add_argument("--speakers", type=int, required=True)
+    p.add_argument("--speakers", type=int, required=True, help="distinct voices")
     p.add_argument("--utterances", type=int, required=True, help="per speaker")
     p.add_argument("--disjoint-speakers", action="store_true",
                    help="test speakers never occur in training (default: every speaker in both splits)")
@@ -147,7 +151,10 @@ def add_data_commands(subparsers) -> None:
     p.add_argument("--labels", help="folder: CSV with a path column and label columns")
     p.set_defaults(func=_prepare)
 
-    p = dsub.add_parser("verify", help="check every shard of a store against the checksums in its manifest")
+    p = dsub.add_parser("verify", help="check every shard of a store against the checksums in its manifest, "
+                        "and this machine's unpacked copies of them in the shard cache")
     p.add_argument("uri", help="local folder or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL)")
+    p.add_argument("--cache-dir", default="", help="the shard cache training used (data.cache_dir; default: "
+                   "$VGIM_CACHE, else ~/.cache/vgim_dist)")
     p.set_defaults(func=_verify)

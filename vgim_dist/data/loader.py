@@ -8,29 +8,21 @@ data buffer is then one int16 array per shard, so a crop is a numpy slice plus a
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from vgim_dist.data.audio import SCALE
+from vgim_dist.data.cache import cache_dir_for, unpacked
 from vgim_dist.data.config import DataConfig
-from vgim_dist.data.prepare import MANIFEST
-from vgim_dist.data.shard import decode
+from vgim_dist.data.shard import MANIFEST
 from vgim_dist.data.store import Store, StoreError
 from vgim_dist.seeding import derive_seed
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VGIM_CACHE", Path.home() / ".cache" / "vgim_dist"))
 
 
 def read_manifest(store: Store) -> dict:
@@ -49,57 +41,63 @@ class Utterance:
 
 
 class Split:
-    """All utterances of one split, memory-mapped: ``pcm[shard][start[u]:start[u] + length[u]]``."""
+    """All rows of one split, memory-mapped: row u's data is ``data[shard_of[u]][start[u]:start[u] + size[u]]``
+    (bytes). Audio shards: ``pcm16(u)``, ``length`` in samples; latent shards (``column="latent"``,
+    ``length_column="frames"``): ``length`` in frames."""
 
-    def __init__(self, uri: str, split: str, endpoint_url: str = "", cache_dir: str = ""):
+    def __init__(self, uri: str, split: str, endpoint_url: str = "", cache_dir: str = "", column: str = "audio",
+                 length_column: str = "length"):
         store = Store(uri, endpoint_url)
         self.manifest = read_manifest(store)
         if split not in self.manifest["splits"]:
             raise ValueError(f"split {split!r} not in {store}; it has {sorted(self.manifest['splits'])}")
-        key = hashlib.sha256(f"{store.uri}|{store.endpoint}".encode()).hexdigest()[:16]
-        cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        cache = cache / "shards" / key
-        cache.mkdir(parents=True, exist_ok=True)
+        cache = cache_dir_for(store, cache_dir)
 
         self.tables: list[pa.Table] = []  # keep the memory maps alive
-        self.pcm: list[np.ndarray] = []
-        shard_of, start, length = [], [], []
+        self.data: list[np.ndarray] = []
+        shard_of, start, size, length = [], [], [], []
         shards = [s for s in self.manifest["splits"][split]["shards"] if s["utterances"]]
         for i, shard in enumerate(shards):
-            table = pa.ipc.open_file(pa.memory_map(str(_unpacked(store, shard, cache)))).read_all()
-            audio = table.column("audio").chunk(0)
-            offsets = np.frombuffer(audio.buffers()[1], np.int64)[audio.offset:audio.offset + len(audio) + 1]
+            table = pa.ipc.open_file(pa.memory_map(str(unpacked(store, shard, cache)))).read_all()
+            rows = table.column(column).chunk(0)
+            offsets = np.frombuffer(rows.buffers()[1], np.int64)[rows.offset:rows.offset + len(rows) + 1]
             self.tables.append(table)
-            self.pcm.append(np.frombuffer(audio.buffers()[2], np.int16))
-            shard_of.append(np.full(len(audio), i, np.int32))
-            start.append(offsets[:-1] // 2)
-            length.append(table.column("length").to_numpy())
+            self.data.append(np.frombuffer(rows.buffers()[2], np.uint8))
+            shard_of.append(np.full(len(rows), i, np.int32))
+            start.append(offsets[:-1])
+            size.append(np.diff(offsets))
+            length.append(table.column(length_column).to_numpy())
         self.shard_of = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
         self.start = np.concatenate(start) if start else np.zeros(0, np.int64)
+        self.size = np.concatenate(size) if size else np.zeros(0, np.int64)
         self.length = np.concatenate(length) if length else np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return len(self.length)
 
-    def pcm16(self, u: int) -> np.ndarray:
+    def row(self, u: int) -> np.ndarray:
+        """Row ``u``'s data, as bytes (uint8), without a copy."""
         s = self.start[u]
-        return self.pcm[self.shard_of[u]][s:s + self.length[u]]
+        return self.data[self.shard_of[u]][s:s + self.size[u]]
+
+    def pcm16(self, u: int) -> np.ndarray:
+        return self.row(u).view(np.int16)
 
 
-def _unpacked(store: Store, shard: dict, cache: Path) -> Path:
-    """The shard, verified, as an uncompressed Arrow IPC file in the cache (made once; safe under concurrency).
-    The cache file is named by the shard's checksum, so a changed shard is never served from an old copy."""
-    out = cache / f"{shard['name'].removesuffix('.parquet')}-{shard.get('xxh3_64', shard['fingerprint'])[:16]}.arrow"
-    if out.exists():
-        return out
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        table = decode(f"{store.uri}/{shard['name']}", store.read_bytes(shard["name"]),
-                       shard.get("xxh3_64")).combine_chunks()
-        part = Path(tmp) / out.name
-        with pa.ipc.new_file(str(part), table.schema) as w:
-            w.write_table(table)
-        os.replace(part, out)
-    return out
+def eligible(length: np.ndarray, crop: int, short: str) -> np.ndarray:
+    """The rows a crop of ``crop`` may come from: every row with ``short=pad``, else those at least a crop long."""
+    return np.arange(len(length)) if short == "pad" else np.flatnonzero(length >= crop)
+
+
+def crop_plan(seed: int, step: int, rows: np.ndarray, length: np.ndarray, batch_size: int, crop: int,
+              grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, crop offset) of every window of step ``step``'s batch: rows drawn uniformly from ``rows`` (with
+    replacement), each crop starting at a random multiple of ``grid``; a pure function of (seed, step). The
+    same draw for audio (samples) and latent shards (frames)."""
+    rng = np.random.default_rng(derive_seed(seed, "crops", step))
+    utts = rows[rng.integers(len(rows), size=batch_size)]
+    slots = np.maximum(length[utts] - crop, 0) // grid + 1
+    return utts, rng.integers(slots) * grid
 
 
 def iter_utterances(uri: str, split: str, endpoint_url: str = "", cache_dir: str = "") -> Iterator[Utterance]:
@@ -124,9 +122,8 @@ class ShardSource:
     def __init__(self, cfg: DataConfig, seed: int):
         self.cfg, self.seed = cfg, seed
         self.data = Split(cfg.uri, cfg.split, cfg.endpoint_url, cfg.cache_dir)
-        long_enough = self.data.length >= cfg.crop
-        self.eligible = np.arange(len(self.data)) if cfg.short == "pad" else np.flatnonzero(long_enough)
-        self.n_short = int((~long_enough).sum())
+        self.eligible = eligible(self.data.length, cfg.crop, cfg.short)
+        self.n_short = int((self.data.length < cfg.crop).sum())
         if len(self.eligible) == 0:
             raise ValueError(f"no utterance in split {cfg.split!r} of {cfg.uri} is {cfg.crop} samples long; "
                              f"use data.short=pad or a smaller data.crop")
@@ -135,10 +132,8 @@ class ShardSource:
 
     def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(utterance index, crop offset) of every window in the batch for ``step``."""
-        rng = np.random.default_rng(derive_seed(self.seed, "crops", step))
-        utts = self.eligible[rng.integers(len(self.eligible), size=self.cfg.batch_size)]
-        slots = np.maximum(self.data.length[utts] - self.cfg.crop, 0) // self.cfg.grid + 1
-        return utts, rng.integers(slots) * self.cfg.grid
+        return crop_plan(self.seed, step, self.eligible, self.data.length, self.cfg.batch_size, self.cfg.crop,
+                         self.cfg.grid)
 
     def _build(self, step: int) -> torch.Tensor:
         out = np.zeros((self.cfg.batch_size, self.cfg.crop), np.float32)

@@ -14,6 +14,7 @@ the same whichever way, and in whatever order, the shards were made.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -23,14 +24,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from vgim_dist.data.audio import SAMPLE_RATE, BadAudio, load_pcm16
+from vgim_dist.data.audio import SAMPLE_RATE, BadAudio, load_pcm16, source_format
 from vgim_dist.data.readers import Corpus, Item, utf8_name
-from vgim_dist.data.shard import FORMAT_VERSION, SCHEMA, CorruptShard, decode, encode, footer_record
+from vgim_dist.data.shard import FORMAT_VERSION, MANIFEST, SCHEMA, CorruptShard, decode, encode, footer_record
 from vgim_dist.data.store import Store
 from vgim_dist.progress import progress
 from vgim_dist.storage import checksum
-
-MANIFEST = "manifest.json"
 
 
 class PrepareError(RuntimeError):
@@ -47,7 +46,7 @@ def _fingerprint(chunk: list[Item], min_samples: int) -> str:
 
 def _build(chunk: list[Item], min_samples: int, record: dict) -> bytes:
     rows: dict[str, list] = {f: [] for f in SCHEMA.names[:-1]}
-    skipped, fixes = [], Counter()
+    skipped, fixed, fixes = [], [], Counter()
     for it in chunk:
         try:
             pcm, repairs = load_pcm16(it.path)
@@ -57,11 +56,13 @@ def _build(chunk: list[Item], min_samples: int, record: dict) -> bytes:
             skipped.append({"id": it.id, "path": utf8_name(it.path), "reason": str(e)})
             continue
         fixes.update(repairs)
+        if repairs:
+            fixed.append({"id": it.id, "path": utf8_name(it.path), "fixes": repairs, "source": source_format(it.path)})
         for f, v in zip(SCHEMA.names[:-1], (it.id, it.speaker, json.dumps(it.labels, sort_keys=True), len(pcm),
                                        pcm.astype("<i2").tobytes())):
             rows[f].append(v)
     record.update(utterances=len(rows["id"]), samples=int(sum(rows["length"])), skipped=skipped,
-                  fixes=dict(fixes), speakers=sorted(set(rows["speaker"])))
+                  fixes=dict(fixes), fixed=fixed, speakers=sorted(set(rows["speaker"])))
     return encode(rows, record)
 
 
@@ -69,27 +70,33 @@ def prepare_shard(store: Store, name: str, chunk: list[Item], min_samples: int) 
     """Make shard ``name`` of ``chunk``: (its footer record, its manifest entry, a line saying what was done).
     An existing shard is kept when it was made from the same inputs and every row matches its checksum."""
     fp = _fingerprint(chunk, min_samples)
-    data = store.read_bytes(name) if store.exists(name) else None
-    record = footer_record(data) if data is not None else None
-    damage = ""
-    if record is not None and record.get("fingerprint") == fp:
-        try:
-            decode(f"{store.uri}/{name}", data, want=None)
-            done = f"kept {name} (already complete, every row verified)"
-        except CorruptShard as e:
-            damage = f" (the existing one is damaged: {e})"
-            record = None
-    else:
-        record = None
-    if record is None:
-        record = {"fingerprint": fp}
-        data = _build(chunk, min_samples, record)
-        store.write_bytes(name, data)
-        done = (f"{'rebuilt' if damage else 'wrote'} {name}: {record['utterances']} utterances, "
-                f"{len(record['skipped'])} skipped{damage}")
+    # A shard made before repaired files were named ("fixed") counts them only: made again to name them.
+    record, data, done = kept_or_built(store, name, fp, lambda record: _build(chunk, min_samples, record),
+                                       usable=lambda record: "fixed" in record or not record.get("fixes"))
     entry = {"name": name, "utterances": record["utterances"], "samples": record["samples"], "fingerprint": fp,
              "bytes": len(data), "xxh3_64": checksum(data)}
     return record, entry, done
+
+
+def kept_or_built(store: Store, name: str, fingerprint: str, build: Callable[[dict], bytes],
+                  usable: Callable[[dict], bool] = lambda record: True) -> tuple[dict, bytes, str]:
+    """(footer record, bytes, a line saying what was done) of shard ``name``: the one in ``store`` when its
+    footer records ``fingerprint`` (and is ``usable``) and every row matches its checksum, else
+    ``build(record)`` (which fills in ``utterances`` and ``skipped``) written atomically in its place."""
+    data = store.read_bytes(name) if store.exists(name) else None
+    record = footer_record(data) if data is not None else None
+    damage = ""
+    if record is not None and record.get("fingerprint") == fingerprint and usable(record):
+        try:
+            decode(f"{store.uri}/{name}", data, want=None)
+            return record, data, f"kept {name} (already complete, every row verified)"
+        except CorruptShard as e:
+            damage = f" (the existing one is damaged: {e})"
+    record = {"fingerprint": fingerprint}
+    data = build(record)
+    store.write_bytes(name, data)
+    return record, data, (f"{'rebuilt' if damage else 'wrote'} {name}: {record['utterances']} utterances, "
+                          f"{len(record['skipped'])} skipped{damage}")
 
 
 def duplicate_ids(items: list[Item]) -> list[dict]:
@@ -108,6 +115,10 @@ class ShardJob:
     split: str
     name: str
     chunk: list[Item]
+
+    @property
+    def units(self) -> int:
+        return len(self.chunk)
 
 
 def plan_shards(corpus: Corpus, shard_size: int) -> list[ShardJob]:
@@ -129,23 +140,13 @@ def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: in
         raise PrepareError(f"no audio files found in {corpus.info.get('source', 'the corpus')}")
     store.check(create=True)
     jobs = plan_shards(corpus, shard_size)
-    made = _on_ray(jobs, store, min_samples, workers, address) if workers or address else (
-        (job, prepare_shard(store, job.name, job.chunk, min_samples)) for job in jobs)
-    if log is None:
-        made = progress(made, "prepare", total=len(jobs), unit="shard", note=lambda made: made[1][2])
+    results = make_shards(jobs, functools.partial(_prepare_job, store, min_samples), store, "prepare", "files",
+                          log, workers, address)
     say = log or (lambda line: print(line, file=sys.stderr))
-    results: dict[str, tuple[dict, dict]] = {}
-    t0, files = time.perf_counter(), 0
-    for n, (job, (record, entry, done)) in enumerate(made, 1):   # in the order they finish
-        results[job.name] = record, entry
-        files += len(job.chunk)
-        if log is not None:
-            log(f"{done} [{n}/{len(jobs)} shards, {files / (time.perf_counter() - t0):.0f} files/s]")
-    store.remove_partial()   # what workers that died mid-write left behind
 
     manifest = {"format_version": FORMAT_VERSION, "sample_rate": SAMPLE_RATE, "dtype": "int16",
                 "corpus": corpus.info, "splits": {}, "skipped": list(corpus.skipped), "fixes": Counter(),
-                "duplicate_ids": duplicate_ids(corpus.items)}
+                "fixed": [], "duplicate_ids": duplicate_ids(corpus.items)}
     if dups := manifest["duplicate_ids"]:
         say(f"warning: {len(dups)} ids occur more than once (e.g. {dups[0]['id']} in {dups[0]['splits']}); "
             "results on these shards cannot tell the clips apart, see duplicate_ids in the manifest")
@@ -155,6 +156,7 @@ def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: in
             record, entry = results[job.name]
             manifest["skipped"] += record["skipped"]
             manifest["fixes"].update(record["fixes"])
+            manifest["fixed"] += record.get("fixed", [])
             speakers.update(record["speakers"])
             shards.append(entry)
         n, samples = sum(s["utterances"] for s in shards), sum(s["samples"] for s in shards)
@@ -171,9 +173,41 @@ def prepare(corpus: Corpus, store: Store, shard_size: int = 256, min_samples: in
     return manifest
 
 
-def _on_ray(jobs: list[ShardJob], store: Store, min_samples: int, workers: int,
-            address: str) -> Iterator[tuple[ShardJob, tuple[dict, dict, str]]]:
-    """(job, what `prepare_shard` returned) for every job, in the order they finish, each a Ray task of one CPU."""
+def _prepare_job(store: Store, min_samples: int, job: ShardJob) -> tuple[dict, dict, str]:
+    return prepare_shard(store, job.name, job.chunk, min_samples)
+
+
+def make_shards(jobs: list, make: Callable, store: Store, what: str, unit: str,
+                log: Callable[[str], None] | None = None, workers: int = 0,
+                address: str = "") -> dict[str, tuple[dict, dict]]:
+    """(footer record, manifest entry) of every job's shard, by name: ``make(job)`` (a picklable callable
+    returning what `prepare_shard` returns) for each job with a ``name`` and a count of ``unit``, ``units``, in this
+    process, or as Ray tasks with ``workers`` (a private Ray of that many CPUs) or ``address`` (a cluster).
+    ``log`` gets a line per shard; without it, progress is a bar on a terminal (a line per shard in a log
+    file). What workers that died mid-write left behind is removed at the end."""
+    made = _on_ray(jobs, make, f"{what}_shard", workers, address) if workers or address else (
+        (job, make(job)) for job in jobs)
+    if log is None:
+        made = progress(made, what, total=len(jobs), unit="shard", note=lambda made: made[1][2])
+    results: dict[str, tuple[dict, dict]] = {}
+    t0, units = time.perf_counter(), 0
+    for n, (job, (record, entry, done)) in enumerate(made, 1):   # in the order they finish
+        results[job.name] = record, entry
+        units += job.units
+        if log is not None:
+            log(f"{done} [{n}/{len(jobs)} shards, {units / (time.perf_counter() - t0):.0f} {unit}/s]")
+    store.remove_partial()
+    return results
+
+
+def _run(make: Callable, job):
+    return make(job)
+
+
+def _on_ray(jobs: list, make: Callable, name: str, workers: int,
+            address: str) -> Iterator[tuple[object, tuple[dict, dict, str]]]:
+    """(job, ``make(job)``) for every job, in the order they finish, each a Ray task of one CPU named ``name``
+    (its worker's process title is ``ray::<name>``)."""
     import ray  # noqa: PLC0415 - only for parallel preparation
 
     from vgim_dist import ray_session  # noqa: PLC0415
@@ -181,37 +215,11 @@ def _on_ray(jobs: list[ShardJob], store: Store, min_samples: int, workers: int,
     owns = ray_session.connect(address, num_cpus=workers or None)
     try:
         # A task whose worker dies is run again: a shard is only ever written whole, so that is safe.
-        task = ray.remote(num_cpus=1, max_retries=3)(prepare_shard)
-        pending = {task.remote(store, job.name, job.chunk, min_samples): job for job in jobs}
+        task = ray.remote(num_cpus=1, max_retries=3)(_run).options(name=name)
+        pending = {task.remote(make, job): job for job in jobs}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             yield pending.pop(ready[0]), ray.get(ready[0])
     finally:
         if owns:
             ray.shutdown()
-
-
-def verify(store: Store, log: Callable[[str], None] = print) -> tuple[int, list[str]]:
-    """Check every shard ``manifest.json`` lists against its checksum: (shards checked, one line per damaged or
-    missing shard, naming the row where it can)."""
-    try:
-        manifest = json.loads(store.read_bytes(MANIFEST))
-    except FileNotFoundError:
-        raise PrepareError(f"no {MANIFEST} in {store}") from None
-    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    bad = []
-    for shard in shards:
-        name = f"{store.uri}/{shard['name']}"
-        try:
-            data = store.read_bytes(shard["name"])
-        except FileNotFoundError:
-            bad.append(f"shard {name}: missing")
-            continue
-        if shard.get("xxh3_64") is None or checksum(data) != shard["xxh3_64"]:
-            try:
-                decode(name, data, shard.get("xxh3_64"))
-            except CorruptShard as e:
-                bad.append(str(e))
-                continue
-        log(f"ok {shard['name']}")
-    return len(shards), bad

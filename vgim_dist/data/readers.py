@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import csv
 import errno
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from vgim_dist.data.provenance import Provenance
+
+log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 SYLLABLES = ("ba", "bi", "bu", "da", "di", "du", "ga", "gi", "gu")  # class order of the syllable probe
@@ -91,6 +94,11 @@ def librispeech(root: Path, split_dir: Path | None = None, phones: Path | None =
             uid, _, words = line.partition(" ")
             text[uid] = words.strip()
 
+    if not split_of:
+        near = [d for d in (root.parent, root.parent.parent) if any(d.glob("*_split.txt"))]
+        log.warning("%s: no <split>_split.txt files, so every utterance goes to the train split (probes and "
+                    "decoders need a test split)%s", split_dir,
+                    f"; {near[0]} has some: pass --split-dir {near[0]}" if near else "")
     corpus = Corpus([], info={"format": "librispeech", "split_rule": "split files" if split_of else "all train"})
     found = set()
     for p in _audio_files(root, corpus):

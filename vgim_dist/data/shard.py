@@ -1,5 +1,5 @@
-"""One shard: a Parquet file of int16 audio rows, each row with its own checksum; the file's checksum is kept
-in ``manifest.json``.
+"""One shard: a Parquet file of int16 audio rows (or of a trained module's latents, `vgim encode`), each row
+with its own checksum; the file's checksum is kept in ``manifest.json``.
 
 The file checksum makes verifying a whole shard one fast pass over its bytes. The row checksums say which
 row is damaged when it fails, and let a shard be verified where no manifest lists it yet (a re-run of
@@ -19,9 +19,14 @@ import xxhash
 from vgim_dist.storage import StorageFault, checksum
 
 FORMAT_VERSION = 2
+MANIFEST = "manifest.json"  # beside the shards: each shard's size and checksum, per split
 SCHEMA = pa.schema([("id", pa.string()), ("speaker", pa.string()), ("labels", pa.string()),
                     ("length", pa.int64()), ("audio", pa.large_binary()),  # audio: int16 little-endian
                     ("checksum", pa.uint64())])                             # row_checksum of the other fields
+# A latent shard (`vgim encode`): the same fields, a row's data being its frames x channels array in the
+# manifest's dtype (little-endian, frame-major), so that one checksum function covers both.
+LATENT_SCHEMA = pa.schema([*SCHEMA][:3] + [("frames", pa.int64()), ("latent", pa.large_binary()),
+                                           ("checksum", pa.uint64())])
 ROW_GROUP = 16  # rows per Parquet row group: an undecodable page is located to within this many rows
 log = logging.getLogger(__name__)
 
@@ -37,10 +42,11 @@ def row_checksum(id_: str, speaker: str, labels: str, length: int, audio: bytes)
     return h.intdigest()
 
 
-def encode(rows: dict[str, list], record: dict) -> bytes:
-    """Parquet bytes for ``rows`` (every SCHEMA field but ``checksum``), with ``record`` as JSON in the footer."""
-    rows = dict(rows, checksum=[row_checksum(*r) for r in zip(*(rows[f] for f in SCHEMA.names[:-1]))])
-    table = pa.table(rows, schema=SCHEMA).replace_schema_metadata({"vgim": json.dumps(record)})
+def encode(rows: dict[str, list], record: dict, schema: pa.Schema = SCHEMA) -> bytes:
+    """Parquet bytes for ``rows`` (every ``schema`` field but ``checksum``), with ``record`` as JSON in the
+    footer. ``schema``: SCHEMA (audio) or LATENT_SCHEMA."""
+    rows = dict(rows, checksum=[row_checksum(*r) for r in zip(*(rows[f] for f in schema.names[:-1]))])
+    table = pa.table(rows, schema=schema).replace_schema_metadata({"vgim": json.dumps(record)})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP)
     return buf.getvalue()
@@ -67,8 +73,11 @@ def decode(name: str, data: bytes, want: str | None) -> pa.Table:
 
 
 def _verified_rows(name: str, data: bytes) -> pa.Table:
+    # One thread, no read-ahead: a damaged page then fails at the same row every time, and no Arrow pool
+    # thread is left decoding when the process exits (a pool thread alive at exit aborts the process with
+    # "terminate called without an active exception").
     try:
-        f = pq.ParquetFile(pa.BufferReader(data))
+        f = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged footer
         raise CorruptShard(f"shard {name}: footer unreadable, no row can be located ({_line(e)})") from None
     if "checksum" not in f.schema_arrow.names:
@@ -79,10 +88,10 @@ def _verified_rows(name: str, data: bytes) -> pa.Table:
     for g in range(f.num_row_groups):
         n = f.metadata.row_group(g).num_rows
         try:
-            t = f.read_row_group(g)
+            t = f.read_row_group(g, use_threads=False)
         except Exception as e:  # noqa: BLE001
             raise CorruptShard(f"shard {name}: rows {first}-{first + n - 1} cannot be decoded ({_line(e)})") from None
-        fields = (t.column(c).to_pylist() for c in SCHEMA.names)
+        fields = (t.column(c).to_pylist() for c in t.schema.names)     # SCHEMA's or LATENT_SCHEMA's
         for r, (*row, stored) in enumerate(zip(*fields)):
             if row_checksum(*row) != stored:
                 raise CorruptShard(f"shard {name}: row {first + r} (id {row[0]!r}) does not match its checksum")

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from vgim_dist.data.config import DataConfig
+from vgim_dist.config import DataConfig
 from vgim_dist.seeding import derive_seed
 
 
@@ -35,6 +35,11 @@ class NoiseSource:
 def build_source(cfg: DataConfig, seed: int) -> BatchSource:
     if cfg.uri == "noise://":
         return NoiseSource(cfg, seed)
-    from vgim_dist.data.loader import ShardSource  # noqa: PLC0415 - heavy deps only when shards are used
+    from vgim_dist.data.latents import LATENTS, latent_source  # noqa: PLC0415 - heavy deps only for shards
+    from vgim_dist.data.loader import ShardSource, read_manifest  # noqa: PLC0415
+    from vgim_dist.data.store import Store  # noqa: PLC0415
 
+    manifest = read_manifest(Store(cfg.uri, cfg.endpoint_url))
+    if manifest.get("kind") == LATENTS:     # a frozen module's outputs: the input of the module above it
+        return latent_source(cfg, seed, manifest)
     return ShardSource(cfg, seed)

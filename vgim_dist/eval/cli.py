@@ -19,8 +19,24 @@ def _user_errors(fn):
         try:
             return fn(a)
         except (FileNotFoundError, ValueError, StoreError) as e:
-            raise UserError(str(e), f"vgim {a.command}", "check the run directory and --data") from e
+            command = " ".join(filter(None, ("vgim", a.command, getattr(a, "eval_command", None))))
+            raise UserError(str(e), command, _hint(e, a)) from e
     return wrapper
+
+
+def _hint(e: Exception, a: argparse.Namespace) -> str:
+    """What to check, where the message does not already say what to do (``...; pass --data ...``)."""
+    from vgim_dist.data.store import StoreError  # noqa: PLC0415
+
+    text = str(e)
+    if ";" in text:
+        return ""
+    data = getattr(a, "data", "")
+    if isinstance(e, StoreError) or (data and data in text):
+        return "check --data"
+    if any(run in text for run in getattr(a, "runs", None) or [a.run]):
+        return "check the run directory: a run.dir written by `vgim train`"
+    return ""
 
 
 @_user_errors
@@ -57,13 +73,20 @@ def _decoder(a: argparse.Namespace) -> int:
 def _report(a: argparse.Namespace) -> int:
     from pathlib import Path  # noqa: PLC0415
 
-    from vgim_dist.eval.report import build_report  # noqa: PLC0415
+    from vgim_dist.eval.report import build_report, collect, findings  # noqa: PLC0415
+    from vgim_dist.eval.sweep_report import build_sweep_report, is_sweep  # noqa: PLC0415
 
+    if len(a.runs) == 1 and is_sweep(a.runs[0]):
+        print(build_sweep_report(a.runs[0], Path(a.out) if a.out else None, runs=not a.no_runs,
+                                 track=not a.no_mlflow))
+        return 0
     out = build_report(a.runs, Path(a.out) if a.out else None, tsne=not a.no_tsne, track=not a.no_mlflow)
     # Runs of the thesis architecture: their tables beside the thesis's published figures, here as well.
     for section in out.with_suffix(".md").read_text().split("### ")[1:]:
         if "(thesis, published)" in section:
             print(f"### {section.strip()}\n")
+    for line in findings([collect(run) for run in a.runs]):   # what the runs show, and what they cannot yet
+        print(line, end="\n\n")
     print(out)
     return 0
 
@@ -76,8 +99,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
     p.add_argument("--latent", choices=tuple(_LATENT), default="mu",
                    help="what a Gaussian module passes on: mu, or one seeded draw from N(mu, sigma^2) (default: mu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-split", default="test")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation's initialisation and batches")
+    p.add_argument("--test-split", default="test", help="the split evaluated")
     p.add_argument("--no-mlflow", action="store_true", help="write the JSON results only")
 
 
@@ -119,18 +142,21 @@ def add_eval_commands(subparsers) -> None:
     _common(p)
     p.add_argument("--module", type=int, required=True)
     p.add_argument("--loss", choices=LOSSES, default="mse")
-    p.add_argument("--data", default="", help="shards to train and test on (default: the run's data.uri)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--data", default="", help="shards to train and test on (default: the run's data.uri; "
+                   "for a run from latent shards, the audio they were encoded from)")
+    p.add_argument("--steps", type=int, default=1000, help="decoder training steps")
+    p.add_argument("--batch-size", type=int, default=64, help="clips per decoder step")
+    p.add_argument("--lr", type=float, default=2e-4, help="the decoder's Adam learning rate")
     p.add_argument("--examples", type=int, default=4, help="test clips written as original + reconstruction WAV")
     p.add_argument("--draws", type=int, default=4, help="decodes of N(0, I) draws written as WAV")
     p.set_defaults(func=_decoder)
 
-    p = subparsers.add_parser("report", help="one self-contained HTML page comparing runs' evaluations")
-    p.add_argument("runs", nargs="+", metavar="RUN")
-    p.add_argument("--out", default="", help="HTML path (default: RUN/eval/report.html for one run, else "
-                   "report.html in the runs' common folder)")
+    p = subparsers.add_parser("report", help="one self-contained HTML page comparing runs' evaluations, or a "
+                              "sweep's accuracies against its swept values")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or one sweep directory (vgim sweep)")
+    p.add_argument("--out", default="", help="HTML path (default: RUN/eval/report.html for one run, "
+                   "SWEEP/report.html for a sweep, else report.html in the runs' common folder)")
+    p.add_argument("--no-runs", action="store_true", help="a sweep: skip writing each trial's own report")
     p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plots (the slowest part)")
     p.add_argument("--no-mlflow", action="store_true")
     p.set_defaults(func=_report)

@@ -29,10 +29,11 @@ from vgim_dist.config import ModelConfig
 from vgim_dist.data.audio import SAMPLE_RATE
 from vgim_dist.data.loader import iter_utterances
 from vgim_dist.data.source import build_source
-from vgim_dist.eval.features import FeatureMode, Run, load_run
+from vgim_dist.eval.features import FeatureMode, Run, audio_uri, load_run
 from vgim_dist.eval.names import LOSSES
 from vgim_dist.eval.track import eval_dir, log_evaluation
 from vgim_dist.model.modules import module_geometry, out_channels
+from vgim_dist.progress import progress
 from vgim_dist.seeding import derive_seed
 
 N_FFT = 1024
@@ -101,17 +102,19 @@ def train_decoder(run: Run, module: int, loss: ReconstructionLoss, data: str, st
     source = build_source(replace(run.cfg.data, uri=data, batch_size=batch_size), derive_seed(seed, "decoder-data"))
     gen = torch.Generator().manual_seed(derive_seed(seed, "decoder-features"))
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
-    curve = []
+    curve, last = [], [float("nan")]
     try:
-        for step in range(1, steps + 1):
+        for step in progress(range(1, steps + 1), f"decoder module {module}", unit="step",
+                             note=lambda _: f"loss {last[0]:.4f}", every=max(1, steps // 20)):
             x = source.batch(step)                                        # (B, 1, crop)
             z = run.encode(x, module, mode, gen)[-1]                      # frozen, no graph
             value = loss(decoder(z, x.shape[-1]), x)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
+            last[0] = value.item()
             if step % log_every == 0 or step == steps:
-                curve.append({"step": step, "loss": value.item()})
+                curve.append({"step": step, "loss": last[0]})
     finally:
         source.close()
     return decoder, curve
@@ -167,7 +170,7 @@ def decoder_run(run_dir: str, module: int, loss_name: str, data: str = "", steps
     run = load_run(run_dir, step)
     run.check_module(module)
     loss = ReconstructionLoss(loss_name)
-    data = data or run.cfg.data.uri
+    data = data or audio_uri(run.cfg)
     if data == "noise://":
         raise ValueError(f"{run_dir}: trained on noise://; pass --data with a shard directory")
     decoder, curve = train_decoder(run, module, loss, data, steps, batch_size, lr, mode, seed)

@@ -15,13 +15,15 @@ from typing import Literal
 
 import torch
 
-from vgim_dist.config import Config, ConfigError, load_config
+from vgim_dist.config import Config
+from vgim_dist.data.latents import LATENTS
 from vgim_dist.data.loader import Utterance, iter_utterances, read_manifest
 from vgim_dist.data.store import Store
 from vgim_dist.model import GreedyModule, describe
+from vgim_dist.run_dir import RunDir
 from vgim_dist.seeding import derive_seed
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.encoder import initial_encoder, load_encoder
+from vgim_dist.train.encoder import initial_encoder, load_encoder, run_config
 
 FeatureMode = Literal["mean", "sample"]  # mu of each Gaussian module, or one draw from N(mu, sigma^2)
 Reduce = Literal["mean", "max", "flatten"]  # over time: average, maximum, or none (the C x T output flattened)
@@ -68,14 +70,7 @@ def load_run(run_dir: str, step: int | None = None) -> Run:
     checkpoint exists: the baseline that shows what training bought."""
     if "://" in run_dir:
         raise ValueError(f"{run_dir}: evaluation reads and writes a local run directory; copy the run here first")
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {run_dir} a run directory written by `vgim train`?")
-    try:
-        cfg = load_config(path)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    cfg.run.dir = run_dir  # the directory as given now, not as it was when training started
+    cfg = run_config(RunDir(run_dir))
     steps = CheckpointManager(run_dir).steps()
     if step == 0 and 0 not in steps:
         encoder = initial_encoder(cfg)
@@ -90,6 +85,15 @@ def load_run(run_dir: str, step: int | None = None) -> Run:
     encoder = load_encoder(cfg, step)  # eval mode
     encoder.requires_grad_(False)
     return Run(run_dir, cfg, step, list(encoder.stack))
+
+
+def audio_uri(cfg: Config) -> str:
+    """The audio shards a run trained on: data.uri, or, for a run from latent shards, the audio they were
+    encoded from (their manifest's source)."""
+    if cfg.data.uri == "noise://":
+        return cfg.data.uri
+    manifest = read_manifest(Store(cfg.data.uri, cfg.data.endpoint_url))
+    return manifest["source"]["uri"] if manifest.get("kind") == LATENTS else cfg.data.uri
 
 
 def split_rule(uri: str, endpoint_url: str = "") -> str:

@@ -135,6 +135,23 @@ def probe_curves(curves: dict[str, list[tuple[int, float]]], path: Path, title: 
     return _save(fig, path)
 
 
+def metric_by_value(curves: dict[str, list[tuple[str, float, float]]], path: Path, title: str, xlabel: str) -> Path:
+    """Accuracy (mean ± std) against a swept key's values, in the sweep's order, one line per module."""
+    fig = Figure(figsize=(6.5, 3.4), layout="constrained")
+    ax = fig.subplots()
+    for label, points in curves.items():
+        ax.errorbar(range(len(points)), [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3,
+                    label=label)
+    ticks = next(iter(curves.values()), [])
+    ax.set_xticks(range(len(ticks)), [p[0] for p in ticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("probe accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def few_label_curves(curves: dict[str, dict[str, tuple[float, float]]], path: Path, title: str) -> Path:
     """Accuracy against labelled examples per class (log2 axis), one line per run/module."""
     fig = Figure(figsize=(5.5, 3.5), layout="constrained")

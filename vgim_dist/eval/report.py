@@ -6,7 +6,8 @@ the saved features. Plots are written as PNG under ``<run>/eval/plots/`` (per ru
 (comparisons) and embedded as base64, audio as base64 WAV, so the HTML file is all one needs to share.
 
 Runs whose configs differ only in seed (and run directory, tracking, checkpointing, stage split) form a
-group, labelled by method (V-GIM, GIM, CPC): the comparison table gives the mean and standard deviation
+group, labelled by method (V-GIM, GIM, CPC; ", sequential" for sequential greedy training, above frozen
+modules of another run, docs/latents.md): the comparison table gives the mean and standard deviation
 over a group's seeds of each run's mean probe accuracy.
 """
 
@@ -31,6 +32,7 @@ from vgim_dist.config import Config, load_config, to_dict
 from vgim_dist.eval import plots
 from vgim_dist.eval.track import eval_dir, log_evaluation
 from vgim_dist.progress import progress
+from vgim_dist.tracking.tracker import run_names
 from vgim_dist.train.checkpoint import CheckpointManager
 from vgim_dist.train.metrics import MetricsLog
 
@@ -40,6 +42,14 @@ def method(cfg: Config) -> str:
     if len(mods) == 1 and mods[0].layers and mods[0].autoregressor:
         return "CPC"
     return "V-GIM" if cfg.model.variational else "GIM"
+
+
+def schedule(cfg: Config) -> str:
+    """How the run's modules were trained (docs/latents.md): all at once, each on the one below as it is at
+    that step, or above frozen modules of another run (module by module, `vgim sequential`)."""
+    if cfg.data.lower_run:
+        return f"sequential greedy (modules 0-{cfg.data.lower_module} frozen)"
+    return "simultaneous greedy"
 
 
 def _group_key(cfg: Config) -> str:
@@ -84,7 +94,7 @@ def assign_groups(runs: list[RunResults]) -> dict[str, list[RunResults]]:
     by_key: dict[str, list[RunResults]] = {}
     for r in runs:
         by_key.setdefault(_group_key(r.cfg), []).append(r)
-    kinds = [method(rs[0].cfg) for rs in by_key.values()]
+    kinds = [method(rs[0].cfg) + (", sequential" if rs[0].cfg.data.lower_run else "") for rs in by_key.values()]
     groups = {}
     for kind, rs in zip(kinds, by_key.values()):
         label = kind if kinds.count(kind) == 1 else f"{kind} ({rs[0].name})"
@@ -149,6 +159,46 @@ def published_rows(task: str, groups: dict[str, list[RunResults]]) -> dict[str, 
     return {f"{k} (thesis, published)": v for k, v in PUBLISHED.get(task, {}).items() if k in methods}
 
 
+# A run shorter than this shows that training runs end to end, not what the method learns.
+SHORT_RUN_STEPS = 1000
+
+
+def run_title(r: RunResults) -> str:
+    """The run as MLflow names it (method, seed, runner, steps and corpus), and its folder."""
+    return f"{run_names(r.cfg)[0]} ({r.name})"
+
+
+def findings(runs: list[RunResults]) -> list[str]:
+    """What each run shows and what it does not, in a few sentences: every probe's best module against the
+    same probe at step 0, then, for a short run, what its length cannot show."""
+    out = []
+    for r in runs:
+        steps = r.summary.get("final", {}).get("step", CheckpointManager(str(r.dir)).latest() or 0)
+        said = []
+        for p in r.probes.values():
+            mods = {int(m): e for m, e in p["modules"].items() if "step0" in e}
+            if not mods:
+                continue
+            gain = {m: e["accuracy"]["mean"] - e["step0"]["accuracy"]["mean"] for m, e in mods.items()}
+            best = max(gain, key=gain.get)
+            chance = f", chance {1 / len(p['classes']):.3f}" if p.get("classes") else ""
+            said.append(f"the {p['task']} probe ({p['protocol']}{chance}) reads "
+                        f"{mods[best]['accuracy']['mean']:.3f} on module {best} against "
+                        f"{mods[best]['step0']['accuracy']['mean']:.3f} at step 0 ({gain[best]:+.3f}); "
+                        f"{sum(g > 0 for g in gain.values())} of {len(gain)} modules beat their step-0 score")
+        text = f"{run_title(r)}: " + ("; ".join(said) if said else "no probe beside step 0 yet "
+                                      "(`vgim eval probe` runs one)") + "."
+        if steps < SHORT_RUN_STEPS:
+            text += (f" {steps} steps is a short run: it shows that training works end to end, not what the method "
+                     "learns. A module can still sit near or below its step-0 score (a random first convolution is "
+                     "already a fair filter bank). Trained for thousands of steps and probed by the thesis's "
+                     "protocol (raw features), trained modules are far above step 0 (docs/experiments.md).")
+            if r.decoders:
+                text += " At this length its decoders' reconstructions are expected to sound like noise."
+        out.append(text)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- HTML
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -169,9 +219,11 @@ def _audio(path: Path) -> str:
             f'</audio> <span class="note">{seconds:.2f} s</span>')
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def _table(header: list[str], rows: list[list], raw: tuple[int, ...] = ()) -> str:
+    """An HTML table; the columns in ``raw`` hold HTML already (links), the rest is escaped."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{c if i in raw else html.escape(str(c))}</td>" for i, c in enumerate(row))
+                   + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -187,10 +239,11 @@ def _runs_section(runs: list[RunResults]) -> str:
     for r in runs:
         final = r.summary.get("final", {})
         losses = "; ".join(f"M{k.split('.')[1]} {v:.3f}" for k, v in final.items() if k.endswith(".nce"))
-        rows.append([r.name, r.group, r.cfg.seed, CheckpointManager(str(r.dir)).latest(), len(r.cfg.model.modules),
-                     r.cfg.model.channels, r.cfg.model.kld_weight if r.cfg.model.variational else 0, losses])
-    return "<h2>Runs</h2>" + _table(["run", "group", "seed", "checkpoint", "modules", "channels", "kld_weight",
-                                     "final InfoNCE per module"], rows)
+        rows.append([r.name, r.group, schedule(r.cfg), r.cfg.seed, CheckpointManager(str(r.dir)).latest(),
+                     len(r.cfg.model.modules), r.cfg.model.channels,
+                     r.cfg.model.kld_weight if r.cfg.model.variational else 0, losses])
+    return "<h2>Runs</h2>" + _table(["run", "group", "training", "seed", "checkpoint", "modules", "channels",
+                                     "kld_weight", "final InfoNCE per module"], rows)
 
 
 def _comparison_section(groups: dict[str, list[RunResults]], runs: list[RunResults], plot_dir: Path) -> tuple[str, str]:
@@ -280,7 +333,7 @@ def _probe_curves(rows: list[dict]) -> dict[str, dict[str, list[tuple[int, float
 
 def _run_section(r: RunResults, tsne: bool) -> str:
     out = eval_dir(str(r.dir)) / "plots"
-    parts = [f"<h2>{html.escape(r.name)} <span class='note'>({html.escape(r.group)}, seed {r.cfg.seed})</span></h2>"]
+    parts = [f"<h2>{html.escape(run_title(r))} <span class='note'>({html.escape(r.group)})</span></h2>"]
     history = MetricsLog(str(r.dir), 0)
     history.resume(CheckpointManager(str(r.dir)).latest() or 0)
     if history.rows:
@@ -341,14 +394,16 @@ def build_report(run_dirs: list[str], out: Path | None = None, tsne: bool = True
     groups = assign_groups(runs)
     plot_dir = out.parent / f"{out.stem}-plots"
     compare_html, compare_md = _comparison_section(groups, runs, plot_dir)
+    shows = "".join(f"<p>{html.escape(line)}</p>" for line in findings(runs))
     body = [f"<h1>vgim report</h1><p class='note'>{len(runs)} runs, generated {time.strftime('%Y-%m-%d %H:%M')}</p>",
-            _runs_section(runs), compare_html,
+            f"<h2>What this shows</h2>{shows}", _runs_section(runs), compare_html,
             *[_run_section(r, tsne) for r in progress(runs, "report", unit="run")]]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>vgim report</title>"
                    f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
     md = out.with_suffix(".md")
-    md.write_text(f"# Probe comparison\n\nRuns: {', '.join(r.name for r in runs)}\n\n{compare_md}\n")
+    md.write_text(f"# Probe comparison\n\nRuns: {', '.join(run_title(r) for r in runs)}\n\n"
+                  + "".join(f"{line}\n\n" for line in findings(runs)) + f"{compare_md}\n")
     if track:
         for r in runs:
             log_evaluation(str(r.dir), "report", {}, [out, md])

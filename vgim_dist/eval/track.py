@@ -10,12 +10,14 @@ import json
 import logging
 from pathlib import Path
 
+from vgim_dist.run_dir import RunDir
+
 log = logging.getLogger(__name__)
 
 
 def eval_dir(run_dir: str) -> Path:
     """``<run_dir>/eval``, created."""
-    d = Path(run_dir) / "eval"
+    d = RunDir.local_path(run_dir, RunDir.EVAL)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -25,7 +27,7 @@ def log_evaluation(run_dir: str, name: str, metrics: dict[str, float], artifacts
     ``run_dir``: metrics, and each artifact file or folder. Returns the MLflow run id, or None when the training
     run was not tracked (no ``mlflow.json``) or the store cannot be reached; the results on disk are complete
     either way, so a failure here is a warning."""
-    ids_file = Path(run_dir) / "mlflow.json"
+    ids_file = Path(RunDir(str(run_dir)).tracking_ids)
     if not ids_file.is_file():
         log.info("%s: not logged to MLflow (no %s; train with tracking.enabled=true)", name, ids_file)
         return None

@@ -73,7 +73,7 @@ class GreedyModule(nn.Module):
         self.predictor = nn.Linear(context_dim, target_dim * self.steps, bias=False)
         self.out_channels = spec.autoregressor or C
 
-    def _latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, C_in, T) -> mu, logvar (B, C, L); logvar is None without a Gaussian head."""
         h = self.layers(x)
         if not self.gaussian:
@@ -84,7 +84,7 @@ class GreedyModule(nn.Module):
                 replicas: ReplicaGroup | None = None) -> ModuleStep:
         """Loss terms on batch ``x`` (B, C_in, T); with ``replicas``, x is this replica's rows and the loss
         terms its share of the whole batch's."""
-        mu, logvar = self._latents(x)
+        mu, logvar = self.latents(x)
         share = replicas.share(x.shape[0], x.device) if replicas is not None else None
         kl = mu.new_zeros(())
         if self.gaussian and self.variational:
@@ -111,7 +111,7 @@ class GreedyModule(nn.Module):
     def encode(self, x: torch.Tensor, deterministic: bool = True,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Features for probes and decoders: mu (or one sample) for conv modules, the GRU output otherwise."""
-        mu, logvar = self._latents(x)
+        mu, logvar = self.latents(x)
         z = mu
         if self.gaussian and self.variational and not deterministic:
             z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device,

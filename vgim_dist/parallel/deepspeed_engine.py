@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -83,6 +84,27 @@ def announce_op_build() -> bool:
     return True
 
 
+_engines_built = False   # set once this process has built a DeepSpeed engine; read by end_process
+
+
+def end_process(code: int) -> NoReturn | None:
+    """End a program that built DeepSpeed engines without C++ static teardown; return if it built none.
+
+    DeepSpeed keeps gloo transport threads (``pt_gloo_runloop``) alive past ``destroy_process_group``. Tearing
+    them down in the C++ static destructors at exit aborts now and then (``terminate called without an active
+    exception``, exit 134) after a run that succeeded. Python's own shutdown still runs: atexit handlers
+    (tracking, Ray, logging) and the flushed standard streams; only the native teardown is skipped.
+    """
+    if not _engines_built:
+        return None
+    import atexit  # noqa: PLC0415 - only on this rare path
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def build_engines(cfg: Config, modules: nn.ModuleList, optimizers: list[torch.optim.Optimizer],
                   device: torch.device, data_group: dist.ProcessGroup | None) -> list:
     """Wrap each module and its Adam in a DeepSpeed engine over ``data_group`` (a group of one if None)."""
@@ -94,6 +116,8 @@ def build_engines(cfg: Config, modules: nn.ModuleList, optimizers: list[torch.op
     os.environ.setdefault("LOCAL_RANK", "0")  # read by DeepSpeed's sanity checks; devices are set by Ray
     single = dist.new_group([dist.get_rank()])
     mpu = ReplicaMPU(data_group or single, single)
+    global _engines_built
+    _engines_built = True
     engines = []
     for module, opt in zip(modules, optimizers):
         engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=engine_config(cfg, device), mpu=mpu,

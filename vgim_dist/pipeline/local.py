@@ -10,6 +10,9 @@ Three things would otherwise listen beyond localhost or be readable by other use
   meet through a file (torch's FileStore) instead, and gloo (NCCL on GPUs) uses the loopback interface.
 - Ray writes its token file ``~/.ray/auth_token`` world-readable (0644) on the first local start with token
   authentication: it is created first, private (0600).
+
+Each start also ends what an earlier local run killed outright left (its Ray, its rendezvous folder), and marks
+its own Ray so that the next start can do the same (``leftovers.py``).
 """
 
 from __future__ import annotations
@@ -26,9 +29,15 @@ from pathlib import Path
 
 import psutil
 import ray
-from ray._private import ray_constants
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+from vgim_dist.pipeline import leftovers
+from vgim_dist.ray_private import (
+    TorchBackend,
+    set_torch_distributed_env_vars,
+    setup_torch_process_group,
+    single_machine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +48,16 @@ def local_only_ray() -> Iterator[FileStoreTorchConfig]:
     Ray's processes inherit the environment when they start, so it only needs to hold until ``ray.init``
     returns; this process's copy of Ray's setting is restored on exit as well."""
     private_auth_token()
+    leftovers.reap()    # the Ray and folder of a local run whose driver was killed outright
     loopback = loopback_interface()
-    settings = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0", "GLOO_SOCKET_IFNAME": loopback,
-                "NCCL_SOCKET_IFNAME": loopback}
+    store = tempfile.TemporaryDirectory(prefix=leftovers.PREFIX)
+    settings = {"GLOO_SOCKET_IFNAME": loopback, "NCCL_SOCKET_IFNAME": loopback, **leftovers.claim(store.name)}
     saved_env = {k: os.environ.get(k) for k in settings}
-    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
     os.environ.update(settings)
-    ray_constants.ENABLE_RAY_CLUSTER = False    # Ray read the variable when this process imported it
-    store = tempfile.TemporaryDirectory(prefix="vgim-torch-store-")
     try:
-        yield FileStoreTorchConfig(store=store.name)
+        with single_machine():
+            yield FileStoreTorchConfig(store=store.name)
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -97,12 +104,12 @@ class FileStoreTorchConfig(TorchConfig):
         return _FileStoreBackend
 
 
-class _FileStoreBackend(_TorchBackend):
+class _FileStoreBackend(TorchBackend):
     def on_start(self, worker_group, backend_config: FileStoreTorchConfig) -> None:
         # A new file per worker group: a group restarted after a failure must not meet in the old one's.
         url = f"file://{backend_config.store}/{uuid.uuid4().hex}"
-        worker_group.execute(_set_torch_distributed_env_vars)
-        ray.get([worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
+        worker_group.execute(set_torch_distributed_env_vars)
+        ray.get([worker_group.execute_single_async(i, setup_torch_process_group, backend=backend_config.backend,
                                                    world_rank=i, world_size=len(worker_group), init_method=url,
                                                    timeout_s=backend_config.timeout_s)
                  for i in range(len(worker_group))])

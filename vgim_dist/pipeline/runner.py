@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -24,19 +25,21 @@ from contextlib import ExitStack, contextmanager, nullcontext
 import ray
 from ray.train import FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
-from ray.train.v2.api.exceptions import ControllerError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from vgim_dist.config import Config
+from vgim_dist.layout import Hardware, ResolvedRun, resolve_run
 from vgim_dist.pipeline.local import local_only_ray
 from vgim_dist.pipeline.replan import Replan, fewer_workers
-from vgim_dist.pipeline.worker import STAGE_STATS, train_stage
+from vgim_dist.pipeline.restarts import RestartReporter, train_log_level
+from vgim_dist.pipeline.worker import STAGE_STATS, WorkerArgs, train_stage
+from vgim_dist.ray_private import ControllerError, WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
 from vgim_dist.ray_session import quiet_local_start
-from vgim_dist.storage import StorageFault, is_local, open_dir
+from vgim_dist.run_dir import RunDir
+from vgim_dist.storage import StorageFault
 from vgim_dist.tracking import StageRef
 from vgim_dist.train.checkpoint import CheckpointManager
-from vgim_dist.train.loop import Interrupted
+from vgim_dist.train.loop import check_finished
 from vgim_dist.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -74,12 +77,13 @@ class FatalFault:
 
 class PipelineRunner:
     def __init__(self, cfg: Config, stage_refs: list[StageRef | None] | None = None, address: str = "",
-                 replan: Replan | None = None, monitor=None):
+                 replan: Replan | None = None, monitor=None, run_dir: RunDir | None = None):
         self.cfg = cfg
+        self.run_dir = run_dir or RunDir.of(cfg)
         self.monitor = monitor  # unstarted `ProbeMonitor` (eval.every): the worker that logs rows starts it
         self.stage_refs = stage_refs or [None] * len(cfg.stage_modules())   # MLflow run per stage, if tracked
         self.address = address      # Ray cluster to join; empty: a `ray job submit` driver's, else a local one
-        self.checkpoints = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.data.endpoint_url)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep)
         self.replan = replan or fewer_workers   # the layout for fewer workers, when some are lost
         self.replans: list[dict] = []   # each re-plan after lost workers: when, from what, to what
         self.resources: dict[str, float] = {}   # what each worker of the current plan reserves
@@ -106,10 +110,9 @@ class PipelineRunner:
                              ray_info.dashboard_url)
                 stack.callback(ray.shutdown)
             step = self.fit_elastic(start, torch_config)
-        metrics = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.data.endpoint_url)
+        metrics = MetricsLog(self.run_dir, cfg.run.steps)
         metrics.resume(step)
-        if step < cfg.run.steps:
-            raise Interrupted(f"stopped at step {step}; checkpoint saved, continue with --resume")
+        check_finished(step, cfg.run.steps)
         cfg = self.cfg   # re-planned, if workers were lost
         return {"steps": step, "final": metrics.rows[-1] if metrics.rows else {},
                 "stages": cfg.stage_modules(), "replicas": cfg.stage_replicas(), "replans": self.replans,
@@ -161,9 +164,9 @@ class PipelineRunner:
     def fit(self, start: int, torch_config: TorchConfig | None = None) -> int:
         """Train from ``start`` on a Ray Train worker group; the step of the run's last checkpoint."""
         cfg = self.cfg
-        stages, workers = len(cfg.stage_modules()), sum(cfg.stage_replicas())
-        use_gpu, resources = placement(cfg, ray.cluster_resources())
-        self.resources = resources
+        run = placed(cfg, ray.cluster_resources())   # this plan on this cluster (re-placed after a re-plan)
+        stages, workers, use_gpu = len(run.stages), run.workers, run.use_gpu
+        self.resources = resources = run.resources()
         if cfg.pipeline.replan_after_s:
             # Ray Train gives up placing a worker group after this long (propagated to its controller), and
             # with no controller retries fit() raises, for fit_elastic to re-plan.
@@ -178,10 +181,11 @@ class PipelineRunner:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         stop, fault = StopFlag.options(scheduling_strategy=here).remote(), FatalFault.options(
             scheduling_strategy=here).remote()
+        restarts = RestartReporter(cfg, here)   # one console line per restart; Ray Train's tracebacks to its files
+        args = WorkerArgs(cfg=cfg, run=run, run_dir=self.run_dir, stop=stop.wait.remote(), stage_refs=self.stage_refs,
+                          fault=fault, monitor=self.monitor)
         trainer = TorchTrainer(
-            train_stage,
-            train_loop_config={"cfg": cfg, "stop": stop.wait.remote(), "stage_refs": self.stage_refs,
-                               "fault": fault, "monitor": self.monitor},
+            functools.partial(train_stage, args),
             torch_config=torch_config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                          placement_strategy=PLACEMENT[cfg.pipeline.placement]),
@@ -192,6 +196,7 @@ class PipelineRunner:
                 **self.ray_storage(),
                 failure_config=FailureConfig(max_failures=cfg.pipeline.max_failures,
                                              controller_failure_limit=0 if cfg.pipeline.replan_after_s else -1),
+                callbacks=[restarts.callback], logging_config=train_log_level(),
             ),
         )
         log.info("pipeline: %d stages %s, replicas %s, on Ray %s, %.2g CPUs%s per worker, placement %s, "
@@ -199,42 +204,29 @@ class PipelineRunner:
                  resources["CPU"], f" + {resources['GPU']:g} GPU" if use_gpu else "", cfg.pipeline.placement,
                  cfg.pipeline.in_flight)
         log.info("pipeline: waiting for Ray Train to start %d workers; each then prints its stage's steps", workers)
-        with stop_on_sigint(stop):
+        with stop_on_sigint(stop), restarts.shown():
             fit_in_thread(trainer)
         if message := ray.get(fault.get.remote()):
             raise StorageFault(message)
         # run.dir, not Ray Train, records the checkpoints: the run ends at the newest committed one
-        return CheckpointManager(cfg.run.dir, endpoint_url=cfg.data.endpoint_url).latest() or start
+        return self.checkpoints.latest() or start
 
     def ray_storage(self) -> dict:
         """Ray Train's own state, on the driver's disk: ``<run.dir>/ray`` for a local run.dir, else Ray's default
         (``~/ray_results``). Its controller lives beside the driver and fails when it cannot write this state,
         so it never goes where an outage of a remote run store could reach it; workers write nothing there."""
-        fs, root = open_dir(self.cfg.run.dir, self.cfg.data.endpoint_url)
-        return {"storage_path": os.path.abspath(f"{root}/ray")} if is_local(fs) else {}
+        return {"storage_path": os.path.abspath(self.run_dir.path("ray"))} if self.run_dir.local else {}
+
+
+def placed(cfg: Config, cluster: dict[str, float]) -> ResolvedRun:
+    """``cfg``'s resolved run on a Ray cluster with ``cluster`` resources (vgim_dist/layout.py)."""
+    return resolve_run(cfg, None).placed(Hardware(cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)))
 
 
 def placement(cfg: Config, cluster: dict[str, float]) -> tuple[bool, dict[str, float]]:
-    """(use_gpu, resources per worker) for the worker group on a cluster with ``cluster`` resources.
-
-    A worker asks for ``pipeline.gpus_per_stage`` of a GPU (default a whole one): with 0.5, two stage workers
-    share each GPU, so a pipeline of more stages than GPUs still places (Ray packs fractional requests onto
-    one device). CPUs: ``pipeline.cpus_per_stage``, default an equal share of the cluster's, at most one.
-    """
-    workers = sum(cfg.stage_replicas())
-    gpus = cluster.get("GPU", 0)
-    if cfg.run.device == "cuda" and not gpus:
-        raise RuntimeError("run.device: cuda requested but the Ray cluster has no GPU")
-    use_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and gpus > 0)
-    resources = {"CPU": cfg.pipeline.cpus_per_stage or min(1.0, cluster.get("CPU", 1.0) / workers)}
-    if use_gpu:
-        share = cfg.pipeline.gpus_per_stage or 1.0
-        if workers * share > gpus + 1e-9:
-            raise RuntimeError(f"pipeline: {workers} workers x {share:g} GPU each need {workers * share:g} GPUs, "
-                               f"the Ray cluster has {gpus:g}; set pipeline.gpus_per_stage to at most "
-                               f"{gpus / workers:.3g} to share them, or plan with pipeline.stages: auto")
-        resources["GPU"] = share
-    return use_gpu, resources
+    """(use_gpu, resources per worker) for the worker group on a cluster with ``cluster`` resources."""
+    run = placed(cfg, cluster)
+    return run.use_gpu, run.resources()
 
 
 def fit_in_thread(trainer: TorchTrainer) -> Result:

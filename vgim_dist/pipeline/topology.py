@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vgim_dist.config import check_replicas
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -17,11 +19,7 @@ class Topology:
     def __post_init__(self):
         if not 0 <= self.rank < self.world:
             raise ValueError(f"rank {self.rank} outside a world of {self.world} workers")
-        for s in range(self.stages - 1):
-            a, b = self.replicas[s], self.replicas[s + 1]
-            if a != b and min(a, b) != 1:
-                raise ValueError(f"stages {s} and {s + 1} have {a} and {b} replicas; neighbours need equal "
-                                 "counts, or 1 on one side")
+        check_replicas(self.replicas)
 
     @property
     def world(self) -> int:

@@ -23,7 +23,9 @@ import torch
 from vgim_dist.config import Config, to_dict
 from vgim_dist.data.source import NoiseSource
 from vgim_dist.plan.planner import ModuleProfile, Profile, Timing
-from vgim_dist.storage import open_dir, write_bytes
+from vgim_dist.progress import progress
+from vgim_dist.run_dir import RunDir
+from vgim_dist.storage import write_bytes
 from vgim_dist.train.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -173,29 +175,30 @@ def profile_modules(cfg: Config, device: torch.device | str = "cpu", threads: li
     timings: list[list[Timing]] = [[] for _ in range(n)]
     peak = [0] * n
     rows_options = sorted({B, max(1, B // 2)}, reverse=True)
-    for h in sorted(threads, reverse=True):
+    settings = [(h, i) for h in sorted(threads, reverse=True) for i in range(n)]
+    for h, i in progress(settings, f"plan: measuring {n} modules at {', '.join(map(str, sorted(threads)))} threads",
+                         unit="module", note=lambda hi: f"module {hi[1]} at {hi[0]} threads"):
         torch.set_num_threads(h)
-        for i in range(n):
-            # Memory: the first (full-batch) warm-up of each module, from building it on, at most threads.
-            with _peak_memory(device, measure=h == max(threads)) as mem:
-                stage = Stage(mc, i, device)
-                xi = inputs[i].to(device)
-                for _ in range(max(warmup, 2)):  # Adam's state exists from the first step on
-                    stage.train_step(xi)
-            peak[i] = max(peak[i], mem.growth)
-            for rows in rows_options:
-                xi = inputs[i][:rows].to(device)
-                warm = 0 if rows == B else warmup        # the full batch has just warmed up
-                times = []
-                for k in range(warm + steps):
-                    _sync(device)
-                    t = time.perf_counter()
-                    stage.train_step(xi)
-                    _sync(device)
-                    if k >= warm:
-                        times.append(time.perf_counter() - t)
-                timings[i].append(Timing(h, rows, statistics.median(times)))
-            del stage, xi
+        # Memory: the first (full-batch) warm-up of each module, from building it on, at most threads.
+        with _peak_memory(device, measure=h == max(threads)) as mem:
+            stage = Stage(mc, i, device)
+            xi = inputs[i].to(device)
+            for _ in range(max(warmup, 2)):  # Adam's state exists from the first step on
+                stage.train_step(xi)
+        peak[i] = max(peak[i], mem.growth)
+        for rows in rows_options:
+            xi = inputs[i][:rows].to(device)
+            warm = 0 if rows == B else warmup        # the full batch has just warmed up
+            times = []
+            for k in range(warm + steps):
+                _sync(device)
+                t = time.perf_counter()
+                stage.train_step(xi)
+                _sync(device)
+                if k >= warm:
+                    times.append(time.perf_counter() - t)
+            timings[i].append(Timing(h, rows, statistics.median(times)))
+        del stage, xi
     torch.set_num_threads(saved_threads)
 
     mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else host_memory()
@@ -204,11 +207,12 @@ def profile_modules(cfg: Config, device: torch.device | str = "cpu", threads: li
                    time.perf_counter() - t_start)
 
 
-def cached_profile(cfg: Config, device: torch.device | str = "cpu", refresh: bool = False, **kw) -> Profile:
+def cached_profile(cfg: Config, device: torch.device | str = "cpu", refresh: bool = False,
+                   run_dir: RunDir | None = None, **kw) -> Profile:
     """The profile under ``<run.dir>/plan/profile-<key>.json``, measured and written there if missing."""
     device = torch.device(device)
-    fs, root = open_dir(cfg.run.dir, cfg.data.endpoint_url)
-    path = f"{root}/plan/profile-{profile_key(cfg, device)}.json"
+    run_dir = run_dir or RunDir.of(cfg)
+    fs, path = run_dir.fs, run_dir.profile(profile_key(cfg, device))
     if not refresh and fs.exists(path):
         try:
             prof = Profile.from_dict(json.loads(fs.cat_file(path)))

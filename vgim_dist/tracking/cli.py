@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vgim_dist.config import redact
 from vgim_dist.errors import UserError
+from vgim_dist.run_dir import RunDir
 from vgim_dist.tracking.server import TRAINING_VIEW, embedded_uri, free_port, start_server, wait_ready
 
 
@@ -22,11 +23,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.uri:
         store, artifacts = args.uri, None
     else:
-        db = Path(args.run_dir) / "mlflow.db"
+        db = RunDir.local_path(args.run_dir, RunDir.TRACKING_STORE)
         if not db.exists():
             raise UserError(f"no MLflow store in {args.run_dir}", str(db),
                             "give the run directory of a tracked training run (tracking is on by default)")
-        store, artifacts = embedded_uri(args.run_dir), str(Path(args.run_dir).resolve() / "mlartifacts")
+        store, artifacts = embedded_uri(args.run_dir), str(RunDir.local_path(args.run_dir, RunDir.ARTIFACTS))
     port = args.port or free_port()
     with socket.socket() as s:
         try:

@@ -8,10 +8,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 from typing import IO
 
 from vgim_dist.config import redact
+from vgim_dist.run_dir import RunDir
 
 # MLflow's UI opens on its GenAI view unless told otherwise; this query opens it on the training runs.
 TRAINING_VIEW = "workflowType=machine_learning"
@@ -28,7 +28,7 @@ def ui_address(uri: str, experiment_id: str, run_id: str = "") -> str:
 
 def embedded_uri(run_dir: str) -> str:
     """The default store: a SQLite file in the run directory."""
-    return f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+    return f"sqlite:///{RunDir.local_path(run_dir, RunDir.TRACKING_STORE)}"
 
 
 def free_port() -> int:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import sys
 import time
 
 import torch
 
-from vgim_dist.storage import is_local, open_dir, read_bytes, write_bytes
+from vgim_dist.progress import eta
+from vgim_dist.run_dir import RunDir
+from vgim_dist.storage import is_local, open_dir, read_bytes, shown, write_bytes
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -20,8 +25,8 @@ class MetricsLog:
 
     REMOTE_FLUSH_S = 5.0
 
-    def __init__(self, run_dir: str, total_steps: int, endpoint_url: str = "", stream=sys.stderr):
-        self.fs, root = open_dir(run_dir, endpoint_url)
+    def __init__(self, run_dir: str | RunDir, total_steps: int, endpoint_url: str = "", stream=sys.stderr):
+        self.fs, root = (run_dir.fs, run_dir.root) if isinstance(run_dir, RunDir) else open_dir(run_dir, endpoint_url)
         self.path = f"{root}/metrics.jsonl"
         self.total = total_steps
         self.stream = stream
@@ -31,18 +36,27 @@ class MetricsLog:
         self._clock = (time.monotonic(), 0)   # (time, step) the run started at: elapsed and ETA
 
     def resume(self, step: int) -> None:
+        """Keep the rows up to ``step`` from the file. A line that is not a whole row (a crash cut the last one
+        short, or the file was damaged) is dropped, with a warning naming the file and the lines unless it is
+        only the last line cut short; the file is then rewritten without it at the next flush."""
         self._clock = (time.monotonic(), step)
         try:
-            lines = read_bytes(self.fs, self.path).decode().splitlines()
+            lines = read_bytes(self.fs, self.path).decode("utf-8", "replace").splitlines()
         except FileNotFoundError:
             return
-        rows = [json.loads(line) for line in lines[:-1] if line]
-        try:            # the last line may be cut short by a crash in the middle of an append
-            rows += [json.loads(lines[-1])] if lines and lines[-1] else []
-        except json.JSONDecodeError:
-            pass
-        self.rows = [r for r in rows if r["step"] <= step]
-        self._written = len(self.rows) if len(self.rows) == len(lines) else None
+        rows, damaged = [], []
+        for n, line in enumerate(lines, 1):
+            row = _row(line)
+            if row is None:
+                damaged.append(n)
+            elif row["step"] <= step:
+                rows.append(row)
+        if damaged and damaged != [len(lines)]:
+            log.warning("%s: %d damaged lines dropped (lines %s); the metric history there is lost",
+                        shown(self.fs, self.path), len(damaged), ", ".join(map(str, damaged[:10]))
+                        + (", ..." if len(damaged) > 10 else ""))
+        self.rows = rows
+        self._written = len(rows) if len(rows) == len(lines) else None
 
     def record(self, step: int, values: dict[str, torch.Tensor | float], prefix: str = "") -> dict:
         row = {"step": step, **{k: float(v) for k, v in values.items()}}
@@ -75,18 +89,16 @@ class MetricsLog:
         self._written, self._flushed_at = len(self.rows), time.monotonic()
 
 
-def eta(now: float, step: int, clock: tuple[float, int], total: int) -> str:
-    """``0:42 elapsed, ETA 1:03``, the rate measured since ``clock`` = (time, step) the run started at."""
-    if step <= clock[1]:
-        return "0:00 elapsed"
-    rate = (now - clock[0]) / (step - clock[1])
-    return f"{_hms(now - clock[0])} elapsed, ETA {_hms(rate * (total - step))}"
-
-
-def _hms(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+def _row(line: str) -> dict | None:
+    """A metrics line as a row, or None when it is not one (cut short, not UTF-8, not JSON, no step)."""
+    if not line or "\ufffd" in line:
+        return None
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("step"), int)
+    return row if ok and all(isinstance(v, (int, float)) for v in row.values()) else None
 
 
 def progress_line(row: dict, total: int) -> str:
