@@ -258,8 +258,10 @@ def test_damaged_shard_is_rebuilt_by_a_prepare_rerun_and_found_by_verify(librisp
     m = prepare(corpus, Store(str(out)), shard_size=4, log=log.append)
     rebuilt = [line for line in log if not line.startswith("kept")]
     assert len(rebuilt) == 1, log
+    # The same damage, the same verdict: prepare names it as verify did (a row, or the rows of an undecodable
+    # page).
     assert rebuilt[0].startswith("rebuilt train-00001.parquet: 4 utterances, 0 skipped (the existing one is damaged: "
-                                 f"shard {out}/train-00001.parquet: row "), log
+                                 f"{err[0]})"), (log, err)
     clean = tmp_path / "clean"
     assert m == prepare(corpus, Store(str(clean)), shard_size=4, log=_quiet)
     assert _rows(str(out)) == _rows(str(clean))
