@@ -24,10 +24,13 @@ def run(tmp_path_factory) -> str:
 
 
 def _reference(run: str, step: int, wav: torch.Tensor) -> list[torch.Tensor]:
-    """Each module's output as the run's own encoder gives it, (B, C, T) -> (B, T, C)."""
+    """Each module's output as the run's own encoder gives it, (B, C, T) -> (B, T, C), its parameters frozen
+    as load_encoder's are (on some CPUs torch's GRU takes another kernel, 1e-7 apart, when no parameter
+    requires a gradient)."""
     cfg = run_config(RunDir(run))
     outs, x = [], wav.unsqueeze(1)
-    for m in load_modules(cfg, step).stack:
+    modules = load_modules(cfg, step).requires_grad_(False)
+    for m in modules.stack:
         x = m.encode(x)
         outs.append(x.transpose(1, 2))
     return outs

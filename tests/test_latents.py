@@ -73,9 +73,10 @@ def test_encode_chunked_equals_whole_and_records_provenance(setup):
     audio = rows(setup["audio"])
     for id_, row in a.items():
         assert row["frames"] == b[id_]["frames"] == enc.frames(audio[id_]["length"])[0]
-        # the chunked forward equals the whole-utterance forward, here to the bit
-        assert row["latent"] == b[id_]["latent"], id_
+        # the chunked forward equals the whole-utterance forward: every kept frame sees the same samples; the
+        # values agree to float32 rounding (the BLAS kernels of a convolution may round by input length)
         z = row_array(row["latent"], "float32", 64)
+        torch.testing.assert_close(z, row_array(b[id_]["latent"], "float32", 64), rtol=1e-5, atol=2e-6)
         wav = torch.from_numpy(np.frombuffer(audio[id_]["audio"], "<i2").astype(np.float32) / SCALE)
         # the mean is the encoder's output (to rounding: it runs oneDNN's kernels, encode does not)
         torch.testing.assert_close(z[:, :32], enc(wav[None])[0][0], rtol=1e-5, atol=1e-6)
