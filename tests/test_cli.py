@@ -219,7 +219,7 @@ def test_progress_is_a_bar_on_a_terminal():
     assert proc.returncode == 0
     text = drawn.decode(errors="replace")
     assert "\r" in text and "prepare:" in text and "/3" in text and "shard" in text, text
-    assert "prepare: 1/3 shard - " not in text      # no log lines on a terminal
+    assert "prepare: 1/3 shard (" not in text      # no log lines on a terminal
 
 
 def test_a_corrupt_yaml_is_one_line_naming_file_line_and_column(tmp_path, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -232,7 +233,7 @@ def test_data_prepare_on_the_cluster(cluster, bucket, s3_endpoint, librispeech_d
     spread = subprocess.run([*command, "--out", f"{bucket}/shards", "--endpoint-url", s3_endpoint,
                              "--address", cluster.address], capture_output=True, text=True, timeout=300)
     assert spread.returncode == 0, spread.stderr[-3000:]
-    assert "prepare: 5/5 shard - " in spread.stderr     # progress across the nodes, a line per shard
+    assert re.search(r"^prepare: 5/5 shard \(\d+:\d\d elapsed, ETA 0:00\) - ", spread.stderr, re.M)  # per shard
     fs, root = open_dir(f"{bucket}/shards", s3_endpoint)
     assert json.loads(fs.cat_file(f"{root}/manifest.json")) == json.loads((tmp_path / "one/manifest.json").read_text())
     for name in sorted(p.name for p in (tmp_path / "one").glob("*.parquet")):
