@@ -17,6 +17,13 @@ from helpers import free_port
 
 pytest_plugins = ["mlflow_fixtures"]  # the MLflow server fixture (tests/ is on sys.path)
 
+# One authentication mode for every Ray this test process joins. A Python process keeps the token state of the
+# first Ray it used with token authentication, and a later join of a cluster without it then fails (its actors
+# are cancelled before they start). In-process runs here start local Rays and join test clusters started
+# without tokens, so the suite uses none; the token path, the default, runs in `vgim` subprocesses whose
+# environment drops this setting (tests/test_readme.py: a private token file, a loopback-only Ray).
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
 # DeepSpeed JIT-compiles a C++ op on first use: cache it in the repository's ignored build folder.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "build" / "torch_extensions"))
 

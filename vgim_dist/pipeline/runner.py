@@ -106,8 +106,9 @@ class PipelineRunner:
                 with nullcontext() if address else quiet_local_start():
                     ray_info = ray.init(address=address or "local")  # never attach to another session by chance
                 if not address:
-                    log.info("Ray: local instance on 127.0.0.1, token authentication on; dashboard at http://%s",
-                             ray_info.dashboard_url)
+                    auth = os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
+                    log.info("Ray: local instance on 127.0.0.1, token authentication %s; dashboard at http://%s",
+                             "on" if auth else "off (RAY_AUTH_MODE)", ray_info.dashboard_url)
                 stack.callback(ray.shutdown)
             step = self.fit_elastic(start, torch_config)
         metrics = MetricsLog(self.run_dir, cfg.run.steps)
