@@ -162,6 +162,18 @@ run bash -c "
 " || die "ray job submit"
 run bash -c 'test -f runs/check/job/summary.json' || die "the submitted job wrote no summary"
 
+log "the GPU image's Python (3.12): every pinned dependency resolves to a wheel for it (metadata only)"
+# DeepSpeed is left out: it is published as a source distribution only and builds on any Python.
+run bash -c '
+  set -e
+  mapfile -t deps < <(python -c "import tomllib; print(\"\n\".join(d for d in tomllib.load(open(\"pyproject.toml\", \"rb\"))[\"project\"][\"dependencies\"] if not d.startswith(\"deepspeed\")))")
+  plat=(); for x in $(seq 5 39); do plat+=(--platform "manylinux_2_${x}_x86_64"); done
+  python -m pip install --quiet --dry-run --ignore-installed --report /tmp/py312.json --python-version 3.12 \
+    --implementation cp "${plat[@]}" --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
+    --platform manylinux1_x86_64 --platform linux_x86_64 --only-binary=:all: "${deps[@]}"
+  python -c "import json; i = json.load(open(\"/tmp/py312.json\"))[\"install\"]; print(len(i), \"wheels for Python 3.12, torch:\", [x[\"download_info\"][\"url\"].rsplit(\"/\", 1)[1] for x in i if x[\"metadata\"][\"name\"] == \"torch\"][0])"
+' || die "a pinned dependency has no wheel for Python 3.12"
+
 # --- 4. a source-only edit: the dependency layer must be reused -------------------------------------------
 echo "# image-check: a source-only edit" >>"$context/vgim_dist/__init__.py"
 log "warm rebuild after a source-only edit"
