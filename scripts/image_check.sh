@@ -12,7 +12,8 @@
 # the image size, the cold build time and the warm rebuild time, and writes them to $WORK/figures.txt.
 #
 # Settings (environment): IMAGE_CHECK_DIR (default /var/tmp/vgim-image-check: base, storage, build context),
-# DEBIAN_SUITE (bookworm), DEBIAN_MIRROR, STORAGE_DRIVER (overlay, else vfs), KEEP=1 keeps the image.
+# DEBIAN_SUITE (bookworm), DEBIAN_MIRROR, STORAGE_DRIVER (overlay, else vfs). The image stays in that storage
+# for a look inside (buildah --root $IMAGE_CHECK_DIR/storage ...); the next check replaces it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -95,7 +96,7 @@ cmp -s "$REPO/Dockerfile" "$context/Dockerfile" || die "build context incomplete
 
 build() {  # build the image; echo the seconds it took
   local t0=$SECONDS
-  "${B[@]}" build --layers --isolation chroot --network host \
+  "${B[@]}" build --layers --pull=never --isolation chroot --network host \
     --build-arg "BASE=$BASE_IMAGE" --build-arg "PYTHON_VERSION=$PYTHON_VERSION" \
     -f "$context/Dockerfile" -t "$IMAGE" "$context" >"$1" 2>&1 || { tail -40 "$1" >&2; die "buildah build (log: $1)"; }
   echo $((SECONDS - t0))
@@ -118,7 +119,7 @@ log "cold build: ${cold} s; image $size (the base alone: $base_size)"
 deps_before=$(deps_layer)
 
 # --- 3. runs inside the image, as its user, through its entry point -----------------------------------------
-ctr=$("${B[@]}" from "$IMAGE")
+ctr=$("${B[@]}" from --pull=never "$IMAGE")
 cleanup() { "${B[@]}" rm "$ctr" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 run() {  # the image's entry point with these arguments, as the image's user (USER 1000), in /opt/vgim
@@ -130,6 +131,15 @@ log "runs as: $(run id)"
 [ "$(run id -u)" = 1000 ] || die "the image does not run as uid 1000"
 run --version | grep -q '^vgim-dist ' || die "vgim --version"
 run --help | grep -q 'train' || die "vgim --help"
+log "every vgim command through the entry point (eval and the other shell builtins' names included)"
+run bash -c '
+  set -e
+  commands=$(python -c "from vgim_dist.cli import build_parser; p = build_parser(); print(*next(a for a in p._actions if a.dest == \"command\").choices)")
+  for c in $commands; do
+    /opt/vgim/scripts/entrypoint.sh "$c" --help | head -1 | grep -q "^usage: vgim $c" || { echo "vgim $c --help failed"; exit 1; }
+  done
+  echo "dispatched: $commands"
+' || die "a vgim command did not reach vgim"
 run bash -c 'python --version; python -c "import torch, ray, deepspeed, mlflow; print(\"torch\", torch.__version__, \"ray\", ray.__version__)"'
 log "synthetic corpus"
 run data synth deboer runs/check/corpus --words 16 --voices 2 --seed 0
@@ -195,5 +205,4 @@ dirty=$(git -C "$REPO" status --porcelain --untracked-files=no | grep -q . && ec
   echo "warm rebuild after a source-only edit: $warm s (dependency layer reused)"
   echo "buildah $("${B[@]}" --version | awk '{print $3}'), storage driver $driver, $(nproc) cores"
 } | tee "$WORK/figures.txt"
-if [ "${KEEP:-0}" != 1 ]; then "${B[@]}" rm "$ctr" >/dev/null; trap - EXIT; fi
 echo "image-check: passed"
