@@ -96,7 +96,8 @@ cmp -s "$REPO/Dockerfile" "$context/Dockerfile" || die "build context incomplete
 
 build() {  # build the image; echo the seconds it took
   local t0=$SECONDS
-  "${B[@]}" build --layers --pull=never --isolation chroot --network host \
+  # --format docker: the image format `docker build` writes, in which the Dockerfile's SHELL applies (OCI has none)
+  "${B[@]}" build --format docker --layers --pull=never --isolation chroot --network host \
     --build-arg "BASE=$BASE_IMAGE" --build-arg "PYTHON_VERSION=$PYTHON_VERSION" \
     -f "$context/Dockerfile" -t "$IMAGE" "$context" >"$1" 2>&1 || { tail -40 "$1" >&2; die "buildah build (log: $1)"; }
   echo $((SECONDS - t0))
@@ -108,7 +109,9 @@ deps_layer() {  # the image's layer stack up to and including the dependency ins
   "${B[@]}" inspect --type image --format '{{range .OCIv1.RootFS.DiffIDs}}{{println .}}{{end}}' "$IMAGE" | head -n "$n"
 }
 
-# Layers left from an earlier check would make the "cold" build warm.
+# Layers left from an earlier check would make the "cold" build warm. (This storage is the check's own: its
+# working containers, left by an interrupted build, all go.)
+"${B[@]}" rm --all >/dev/null 2>&1 || true
 "${B[@]}" rmi --force "$IMAGE" >/dev/null 2>&1 || true
 "${B[@]}" rmi --prune >/dev/null 2>&1 || true
 log "cold build (downloads torch, Ray, DeepSpeed, MLflow and the rest: several GB)"
