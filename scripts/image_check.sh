@@ -157,7 +157,7 @@ run train configs/smoke.yaml --set run.dir=runs/check/pipeline --set data.uri=ru
 log "probe and report"
 run eval probe runs/check/pipeline --task syllables --data runs/check/syllables --standardize
 run report runs/check/pipeline >/dev/null
-run bash -c 'ls runs/check/pipeline/report* runs/check/pipeline/summary.json'
+run bash -c 'ls -l runs/check/pipeline/eval/report.html runs/check/pipeline/summary.json' || die "no report"
 
 log "a Ray head in the container, the smoke job sent to it with cluster/submit.sh"
 gcs=$(free_port) dash=$(free_port)
