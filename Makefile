@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast test-gpu lint bench image-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +17,14 @@ test: setup lint
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"
+
+# The GPU tier: correctness on CUDA (tests marked gpu; each skips where no GPU is visible).
+test-gpu:
+	$(PY) -m pytest -q -m gpu -p no:cacheprovider
+
+# The Docker image built with buildah and run (not in CI: it downloads several GB; docs/cluster.md).
+image-check:
+	@bash scripts/image_check.sh
 
 lint:
 	$(PY) -m ruff check .

@@ -1,10 +1,15 @@
-"""The first GPU measurement in one command: a lent GPU machine runs it in under 8 minutes.
+"""The first GPU machine answers "is it right" and "is it fast" in one command, in under 10 minutes.
 
-    python benchmarks/gpu_check.py              # GPU: configs/vgim.yaml, results in $OUT (default: .)
-    python benchmarks/gpu_check.py --dry-run    # CPU: the same code paths on configs/smoke.yaml, in seconds
+    python benchmarks/gpu_check.py              # GPU: the gpu tests, then configs/vgim.yaml; results in $OUT
+    python benchmarks/gpu_check.py --dry-run    # CPU: the gpu tests' code on the CPU, the speed parts on
+                                                # configs/smoke.yaml (a few minutes on 2 cores)
 
-Writes ``gpu_check.json`` and ``gpu_check.md`` to $OUT:
+Writes ``gpu_check.json`` and ``gpu_check.md`` (and the tests' ``gpu_tests.xml``) to $OUT:
 
+0. correctness first: ``pytest -m gpu`` (the CPU proofs run on CUDA: the pipeline bitwise equal to the
+   reference runner with deterministic algorithms, over the host-staged link between two stages sharing a GPU
+   and, with two GPUs, over NCCL; recovery after a killed stage; DeepSpeed; bf16 autocast against fp32), each
+   test's verdict in the JSON. In a dry run the same tests run on the CPU (VGIM_GPU_DRY_RUN=1);
 1. environment: GPU, driver, CUDA, torch, NCCL;
 2. the reference step (every module in one process) in bf16 and in fp32 at a batch that fills the GPU: step
    time, windows/s, peak memory, MFU (FLOPs counted from the model's shapes, `vgim_dist/model/flops.py`;
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -188,12 +194,61 @@ def compile_in_child(args: argparse.Namespace, cfg_overrides: list[str], timeout
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def correctness(dry: bool, out_dir: Path, timeout: float, select: str = "") -> dict:
+    """``pytest -m gpu`` in a child process, killed after ``timeout`` seconds: a verdict per test from its
+    JUnit XML (outcome, seconds, the failure's first line), the counts, and one verdict for all."""
+    xml = out_dir / "gpu_tests.xml"
+    xml.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "-o", "addopts=",
+           f"--junitxml={xml}", *(["-k", select] if select else []), "tests"]
+    env = {**os.environ, "VGIM_GPU_DRY_RUN": "1" if dry else "0"}
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    except subprocess.TimeoutExpired as e:
+        rc, tail = None, [f"pytest -m gpu killed after {timeout:.0f} s", *str(e.stdout or "").splitlines()[-10:]]
+    out = {"command": " ".join(["VGIM_GPU_DRY_RUN=1"] * dry + ["python", *cmd[1:]]),
+           "device": "cpu (dry run)" if dry else "cuda", "wall_s": time.perf_counter() - t, "exit_code": rc}
+    tests = []
+    if xml.exists():
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            verdict, message = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                node = case.find(tag)
+                if node is not None:
+                    verdict = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                    message = (node.get("message") or node.text or "").strip().splitlines()[0][:300]
+                    break
+            tests.append({"test": f"{case.get('classname', '').removeprefix('tests.')}::{case.get('name')}",
+                          "verdict": verdict, "seconds": round(float(case.get("time", 0)), 1), "message": message})
+    counts = {v: sum(t["verdict"] == v for t in tests) for v in ("passed", "failed", "error", "skipped")}
+    ran = counts["passed"] + counts["failed"] + counts["error"]
+    out.update(counts=counts, tests=tests,
+               verdict="passed" if rc == 0 and ran and not counts["failed"] + counts["error"] else
+               "no test ran" if rc in (0, 5) and not ran else "failed")
+    if out["verdict"] != "passed":
+        out["output_tail"] = tail
+    return out
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# GPU check: {env.get('gpu', 'CPU dry run')}", "",
              f"{'dry run on CPU, ' if result['dry_run'] else ''}config {result['config']}, "
              f"{result['wall_s']:.0f} s in all", "", "| item | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
+    tier = result.get("correctness") or {}
+    if tier:
+        lines += ["", f"## Correctness: `pytest -m gpu` on {tier.get('device', '?')}: {tier.get('verdict', 'error')}",
+                  "", f"`{tier.get('command', '')}`, {tier.get('wall_s', 0):.0f} s: {tier.get('counts', {})}", "",
+                  "| test | verdict | s | note |", "|---|---|---|---|"]
+        lines += [f"| {t['test']} | {t['verdict']} | {t['seconds']} | {t['message']} |" for t in tier.get("tests", [])]
+        if "error" in tier:
+            lines.append(f"| (the tier itself) | error | | {tier['error']} |")
     lines += ["", "## Reference step", "",
               "| precision | batch | s / step | windows / s | peak memory GiB | TFLOP/s | MFU |",
               "|---|---|---|---|---|---|---|"]
@@ -231,6 +286,10 @@ def main() -> None:
     ap.add_argument("--config", default="")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the JSON and Markdown go (default $OUT)")
+    ap.add_argument("--tests-timeout", type=float, default=0,
+                    help="seconds for `pytest -m gpu` (default 270 on GPU, 1200 in a dry run); 0 = default")
+    ap.add_argument("--skip-tests", action="store_true", help="the speed parts only")
+    ap.add_argument("--tests-k", default="", metavar="EXPR", help="only the gpu tests pytest -k EXPR selects")
     ap.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.config = args.config or ("configs/smoke.yaml" if args.dry_run else "configs/vgim.yaml")
@@ -246,14 +305,20 @@ def main() -> None:
     device = torch.device("cpu" if dry else "cuda")
     if not dry and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible; use --dry-run on a CPU machine")
-    out_dir = Path(args.out)
+    out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"dry_run": dry, "config": args.config}
+    # 0. correctness first: a wrong pipeline's speed means nothing
+    if not args.skip_tests:
+        part(result, "correctness", correctness, dry, out_dir, args.tests_timeout or (1200.0 if dry else 270.0),
+             args.tests_k)
+        (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=1))   # kept if a later part hangs
     dev = [f"run.device={device.type}"]
     cfg = load_config(args.config, [*base, *dev, *(["data.batch_size=4", "data.crop=5120"] if dry else [])])
     steps = 2 if dry else 10
     if dry:
         torch.set_num_threads(1)   # a shared CPU machine: several threads per process only wait for each other
-    result: dict = {"dry_run": dry, "config": args.config, "environment": environment(device)}
+    result["environment"] = environment(device)
 
     # 2. the reference at a batch that fills the GPU, bf16 and fp32
     batch = cfg.data.batch_size if dry else fill_batch(cfg, device, [64, 128, 256, 512, 1024], budget_s=90)
@@ -294,8 +359,8 @@ def main() -> None:
                     "cores_needed": demand / r["windows_per_s_one_process"] if demand else None}
         part(result, "loader", loader_part)
 
-    # 6. torch.compile, in what is left of the budget (at most 150 s)
-    left = 420 - (time.perf_counter() - t_start)
+    # 6. torch.compile, in what is left of the budget (at most 150 s; 9.5 minutes in all, the tests included)
+    left = 570 - (time.perf_counter() - t_start)
     part(result, "compile", compile_in_child, args,
          [*dev, f"data.batch_size={batch}", "run.precision=bf16", f"data.crop={cfg.data.crop}"],
          min(150.0, max(20.0, left)) if not dry else 30.0)

@@ -4,16 +4,19 @@
 #   scripts/setup.sh            system packages + .venv (dev extras included)
 #   VENV=/opt/venv EXTRAS=      scripts/setup.sh   (the image: its own venv, no dev extras)
 #   DEPS_ONLY=1 scripts/setup.sh                     dependencies only (the image's cached layer)
+#   PYTHON=python3.12 scripts/setup.sh               the interpreter the venv is made from (default python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
 EXTRAS=${EXTRAS-dev}
 # Speech engines and voices for the synthetic corpora (vgim_dist/data/synth.py), all from the distribution.
 APT_PACKAGES=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libsndfile1)
 # A headless browser for the tests that look at the MLflow UI and the HTML report (not in the image).
 if [[ ",$EXTRAS," == *",dev,"* ]]; then APT_PACKAGES+=(chromium); fi
-python3 -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
+# (python3 -> python3-venv, python3.12 -> python3.12-venv)
+"$PYTHON" -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=("$(basename "$PYTHON")-venv")
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -33,7 +36,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
+  "$PYTHON" -m venv "$VENV"
 fi
 # pip's own progress (one line per package, a bar per download): a fresh install takes minutes.
 pip=("$VENV/bin/python" -m pip install --progress-bar on --disable-pip-version-check)

@@ -10,10 +10,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from vgim_dist.data.synth import synth_deboer, synth_librispeech
 
-from helpers import free_port
+from helpers import GPU_DRY_RUN, free_port
 
 pytest_plugins = ["mlflow_fixtures"]  # the MLflow server fixture (tests/ is on sys.path)
 
@@ -26,6 +27,26 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 # DeepSpeed JIT-compiles a C++ op on first use: cache it in the repository's ignored build folder.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "build" / "torch_extensions"))
+
+
+# Deterministic cuBLAS (run.deterministic) needs this before the first cuBLAS call, also in this process, where
+# reference runs train.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (`gpu(gpus=N)`: N GPUs) skip where fewer CUDA devices are visible. In a GPU dry run
+    (VGIM_GPU_DRY_RUN=1) they run on the CPU, except those that need two GPUs (their CPU run is the `cpu` one)."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        mark = item.get_closest_marker("gpu")
+        if mark is None:
+            continue
+        need = mark.kwargs.get("gpus", 1)
+        if GPU_DRY_RUN and need > 1:
+            item.add_marker(pytest.mark.skip(reason=f"GPU dry run: needs {need} GPUs, the same code runs as `cpu`"))
+        elif not GPU_DRY_RUN and visible < need:
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA device(s), {visible} visible"))
 
 
 @pytest.fixture(scope="session")

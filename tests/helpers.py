@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 from safetensors.torch import load_file
@@ -22,6 +24,36 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small enough for seconds per run, with every mechanism of the smoke config (4 modules, BatchNorm, GRU).
 # Tracking (on by default) has its own tests; the rest train without it.
 FAST = ["data.crop=2560", "data.batch_size=4", "run.log_every=2", "run.threads=1", "tracking.enabled=false"]
+
+# The GPU tier (`pytest -m gpu`, benchmarks/gpu_check.py): a CPU proof parametrized over where it runs. Each
+# placement names its config overrides; the CUDA ones are marked `gpu` and skip where too few GPUs are visible
+# (conftest.py). `gpu_check.py --dry-run` sets VGIM_GPU_DRY_RUN=1: the gpu tests then run their code on the CPU.
+GPU_DRY_RUN = os.environ.get("VGIM_GPU_DRY_RUN") == "1"
+PLACEMENTS = {
+    "cpu": [],
+    "cuda": ["run.device=cuda"],                                      # one process, or a whole GPU per stage
+    "cuda-shared": ["run.device=cuda", "pipeline.gpus_per_stage=0.5"],  # two stages on one GPU: host-staged link
+}
+GPUS_NEEDED = {"cpu": 0, "cuda": 1, "cuda-shared": 1, "cuda-2": 2}
+
+
+def placements(*names: str) -> list:
+    """pytest params for ``names``; "cuda-2" is "cuda" with a GPU per stage on two GPUs (NCCL between them)."""
+    return [name if name == "cpu" else pytest.param(name, id=name, marks=pytest.mark.gpu(gpus=GPUS_NEEDED[name]))
+            for name in names]
+
+
+def on(placement: str) -> list[str]:
+    """The config overrides of a placement (none in a GPU dry run: the same test on the CPU)."""
+    if GPU_DRY_RUN:
+        return []
+    return PLACEMENTS["cuda" if placement == "cuda-2" else placement]
+
+
+def expected_link(placement: str) -> str:
+    """The transport channel between two stages of this placement (vgim_dist/pipeline/transport.py)."""
+    return "staged" if placement == "cuda-shared" and not GPU_DRY_RUN else "default"
+
 
 # Replica runs: a batch of 5 splits unevenly over 2 replicas.
 REPLICA_STEPS = 20

@@ -9,7 +9,17 @@ import torch
 from vgim_dist.config import load_config
 from vgim_dist.launch import train
 
-from helpers import FAST, REPLICA_OVERRIDES, REPLICA_STEPS, ROOT, replica_reference, run_cli, run_replicas
+from helpers import (
+    FAST,
+    REPLICA_OVERRIDES,
+    REPLICA_STEPS,
+    ROOT,
+    on,
+    placements,
+    replica_reference,
+    run_cli,
+    run_replicas,
+)
 
 pytestmark = pytest.mark.slow  # `make test` runs it, `make test-fast` skips it
 
@@ -20,8 +30,9 @@ def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_deepspeed_zero0_follows_the_torch_engine(tmp_path):
-    overrides = [*FAST, "run.log_every=1", "run.steps=6", "optim.grad_clip=5.0"]
+@pytest.mark.parametrize("placement", placements("cpu", "cuda"))
+def test_deepspeed_zero0_follows_the_torch_engine(tmp_path, placement):
+    overrides = [*FAST, "run.log_every=1", "run.steps=6", "optim.grad_clip=5.0", *on(placement)]
     train(load_config("configs/smoke.yaml", [*overrides, f"run.dir={tmp_path / 'torch'}"]))
     # DeepSpeed as a user runs it: `vgim train`, which ends with a hard exit (parallel/deepspeed_engine.py)
     ds = [*overrides, "stage.engine=deepspeed", f"run.dir={tmp_path / 'deepspeed'}"]

@@ -28,7 +28,7 @@ from vgim_dist.pipeline.runner import PipelineRunner
 from vgim_dist.storage import StorageFault
 from vgim_dist.train.checkpoint import CheckpointManager
 
-from helpers import FAST, assert_bitwise_equal, free_port
+from helpers import FAST, GPU_DRY_RUN, assert_bitwise_equal, expected_link, free_port, on, placements
 from outage import OutageProxy
 
 BIN = Path(sys.executable).parent
@@ -108,12 +108,14 @@ def on_head(ray_head, monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Reference-runner checkpoints of the smoke config, keyed by steps and thread count."""
-    def run(steps: int, threads: int = 1) -> dict[str, torch.Tensor]:
-        run_dir = tmp_path_factory.getbasetemp() / f"reference-{steps}-{threads}"
+    """Reference-runner checkpoints of the smoke config, keyed by steps, thread count and placement (helpers.py:
+    the reference runs every stage in this process, on the placement's device)."""
+    def run(steps: int, threads: int = 1, placement: str = "cpu") -> dict[str, torch.Tensor]:
+        device = [o for o in on(placement) if o.startswith("run.")]
+        run_dir = tmp_path_factory.getbasetemp() / f"reference-{steps}-{threads}{'-'.join(['', *device])}"
         if not run_dir.exists():
             train(load_config("configs/smoke.yaml", [*FAST, f"run.dir={run_dir}", f"run.steps={steps}",
-                                                     f"run.threads={threads}"]))
+                                                     f"run.threads={threads}", *device]))
         return stored_state(str(run_dir))
     return run
 
@@ -130,17 +132,32 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def cli(head: Head, run_dir: Path, *args: str) -> list[str]:
-    sets = [a for s in [*PIPELINE, f"run.dir={run_dir}"] for a in ("--set", s)]
+def cli(head: Head, run_dir: Path, *args: str, placement: str = "cpu") -> list[str]:
+    sets = [a for s in [*PIPELINE, f"run.dir={run_dir}", *on(placement)] for a in ("--set", s)]
     return [str(BIN / "vgim"), "train", "configs/smoke.yaml", *sets, "--address", head.address, *args]
 
 
-def test_two_stages_equal_the_reference(on_head, reference, tmp_path, mlflow_server):
+def check_placement(run_dir: Path, placement: str) -> None:
+    """Where the stage workers ran: on the placement's devices, with its kind of link between them (two
+    stages sharing a GPU: the same GPU, linked through host memory; a GPU each: distinct GPUs, NCCL)."""
+    workers = [json.loads(f.read_text()) for f in sorted((run_dir / "workers").iterdir())]
+    cuda = placement != "cpu" and not GPU_DRY_RUN
+    assert all(w["device"].startswith("cuda") == cuda for w in workers), workers
+    assert workers[0]["links"] == {"1": expected_link(placement)}, workers
+    assert workers[1]["links"] == {"0": expected_link(placement)}, workers
+
+
+@pytest.mark.parametrize("placement", placements("cpu", "cuda-shared", "cuda-2"))
+def test_two_stages_equal_the_reference(on_head, reference, tmp_path, mlflow_server, placement):
+    """Bitwise equal to the reference runner, with deterministic algorithms (the default); on CUDA too: two
+    stages on half a GPU each (the host-staged link, fractional GPUs), or on a GPU each (NCCL)."""
     cfg = load_config("configs/smoke.yaml", [*PIPELINE, f"run.dir={tmp_path}", "run.steps=20",
                                              "pipeline.stages=[[0],[1,2,3]]", "tracking.enabled=true",
-                                             f"tracking.uri={mlflow_server}"])
+                                             f"tracking.uri={mlflow_server}", *on(placement)])
+    assert cfg.run.deterministic
     summary = train(cfg)
-    assert_bitwise_equal(stored_state(str(tmp_path)), reference(20))
+    assert_bitwise_equal(stored_state(str(tmp_path)), reference(20, placement=placement))
+    check_placement(tmp_path, placement)
     assert summary["threads"] == 1
     assert [json.loads(f.read_text())["threads"] for f in sorted((tmp_path / "workers").iterdir())] == [1, 1]
     assert summary["steps"] == 20 and len(summary["stage_stats"]) == 2
@@ -239,10 +256,11 @@ def kill_after_checkpoint(command: list[str], run_dir: Path, step: int, worker: 
     return victim
 
 
-def test_killed_stage_worker_restarts_from_the_last_checkpoint(ray_head, reference, tmp_path):
+@pytest.mark.parametrize("placement", placements("cpu", "cuda-shared"))
+def test_killed_stage_worker_restarts_from_the_last_checkpoint(ray_head, reference, tmp_path, placement):
     console = []
-    victim = kill_after_checkpoint(cli(ray_head, tmp_path, "--set", "run.steps=120", "--set", "run.log_every=10"),
-                                   tmp_path, 20, "stage-1.json", console)
+    victim = kill_after_checkpoint(cli(ray_head, tmp_path, "--set", "run.steps=120", "--set", "run.log_every=10",
+                                       placement=placement), tmp_path, 20, "stage-1.json", console)
     workers = [json.loads((tmp_path / "workers" / f"stage-{s}.json").read_text()) for s in (0, 1)]
     assert workers[1]["pid"] != victim
     assert workers[0]["start"] == workers[1]["start"] >= 20      # every rank resumed from the same checkpoint
@@ -261,7 +279,8 @@ def test_killed_stage_worker_restarts_from_the_last_checkpoint(ray_head, referen
     logs = "".join(p.read_text() for p in Path(restarts[0][1]).glob("ray-train-sys-*.log"))
     assert "Error in training function" in logs and "Traceback (most recent call last)" in logs
     assert "[FailurePolicy] RETRY" in logs
-    assert_bitwise_equal(stored_state(str(tmp_path)), reference(120))
+    check_placement(tmp_path, placement)
+    assert_bitwise_equal(stored_state(str(tmp_path)), reference(120, placement=placement))
     assert logged_steps(tmp_path) == list(range(10, 121, 10))
 
 

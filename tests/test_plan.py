@@ -245,12 +245,18 @@ def test_flops_counted_from_shapes_match_torchs_counter():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_gpu_check_dry_run(tmp_path):
-    """benchmarks/gpu_check.py --dry-run: every part of the GPU check on CPU, one JSON and one Markdown file."""
+    """benchmarks/gpu_check.py --dry-run: every part of the GPU check on CPU, one JSON and one Markdown file.
+    Of the correctness part (`pytest -m gpu`, minutes on this CPU in full) only the bf16 test runs here, on the
+    CPU: its verdict reaches the JSON; the cuda params of the others are deselected."""
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path)], env=env,
-                   check=True, capture_output=True, timeout=850)
+    subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path),
+                    "--tests-k", "bf16"], env=env, check=True, capture_output=True, timeout=850)
     got = json.loads((tmp_path / "gpu_check.json").read_text())
     assert got["dry_run"] and got["environment"]["torch"] == torch.__version__
+    tier = got["correctness"]
+    assert tier["verdict"] == "passed" and tier["device"] == "cpu (dry run)", tier
+    assert [(t["test"], t["verdict"]) for t in tier["tests"]] == [
+        ("test_train::test_bf16_autocast_trains_close_to_fp32[cuda]", "passed")]
     assert [r["precision"] for r in got["reference"]] == ["bf16", "fp32"]
     for r in got["reference"]:
         assert r["step_s"] > 0 and r["tflops_per_step"] > 0 and "error" not in r
@@ -259,7 +265,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert got["loader"]["windows_per_s_one_process"] > 0
     assert "skipped" in got["compile"] or got["compile"].get("compiled") is True
     md = (tmp_path / "gpu_check.md").read_text()
-    for heading in ("## Reference step", "## vgim plan", "## Pipeline", "## Loader", "## torch.compile"):
+    for heading in ("## Correctness: `pytest -m gpu` on cpu (dry run): passed", "## Reference step", "## vgim plan",
+                    "## Pipeline", "## Loader", "## torch.compile"):
         assert heading in md
 
 

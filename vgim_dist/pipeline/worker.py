@@ -153,7 +153,9 @@ class StageWorker:
         info = {"stage": stage, "replica": replica, "modules": self.stage.module_ids, "pid": os.getpid(),
                 "node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "host": socket.gethostname(), "device": str(self.device), "threads": torch.get_num_threads(),
-                "start": start}
+                "start": start,
+                # rank -> channel of each link: "staged" through host memory between ranks sharing a GPU
+                "links": {str(p): self._channel(p) for p in (*self.topo.upstream, *self.topo.downstream)}}
         name = f"stage-{stage}" + (f"-replica-{replica}" if replica else "")
         self.run_dir.write(self.run_dir.worker(name), json.dumps(info).encode())
         return info
