@@ -109,13 +109,18 @@ deps_layer() {  # the image's layer stack up to and including the dependency ins
   "${B[@]}" inspect --type image --format '{{range .OCIv1.RootFS.DiffIDs}}{{println .}}{{end}}' "$IMAGE" | head -n "$n"
 }
 
-# Layers left from an earlier check would make the "cold" build warm. (This storage is the check's own: its
-# working containers, left by an interrupted build, all go.)
+# (This storage is the check's own: its working containers, left by an interrupted check, all go.)
 "${B[@]}" rm --all >/dev/null 2>&1 || true
-"${B[@]}" rmi --force "$IMAGE" >/dev/null 2>&1 || true
-"${B[@]}" rmi --prune >/dev/null 2>&1 || true
-log "cold build (downloads torch, Ray, DeepSpeed, MLflow and the rest: several GB)"
-cold=$(build "$WORK/build-cold.log")
+if [ "${IMAGE_CHECK_REUSE:-0}" = 1 ] && "${B[@]}" inspect --type image "$IMAGE" >/dev/null 2>&1; then
+  # Rerunning the checks inside the image after a failed one, the Dockerfile unchanged: no new cold build.
+  cold="(not rebuilt: IMAGE_CHECK_REUSE=1; see $WORK/build-cold.log)"
+else
+  # Layers left from an earlier check would make the "cold" build warm.
+  "${B[@]}" rmi --force "$IMAGE" >/dev/null 2>&1 || true
+  "${B[@]}" rmi --prune >/dev/null 2>&1 || true
+  log "cold build (downloads torch, Ray, DeepSpeed, MLflow and the rest: several GB)"
+  cold=$(build "$WORK/build-cold.log")
+fi
 size=$("${B[@]}" images --format '{{.Size}}' "$IMAGE" | head -1)
 base_size=$("${B[@]}" images --format '{{.Size}}' "$BASE_IMAGE" | head -1)
 log "cold build: ${cold} s; image $size (the base alone: $base_size)"
@@ -167,8 +172,14 @@ run bash -c "
   ray start --head --node-ip-address=127.0.0.1 --port=$gcs --dashboard-host=127.0.0.1 --dashboard-port=$dash \
     --num-cpus=2 --disable-usage-stats >/dev/null
   trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
-  cluster/submit.sh --submission-id=image-check -- configs/smoke.yaml --set run.dir=/opt/vgim/runs/check/job \
-    --set run.steps=10 --set run.threads=1
+  # ray start returns before the head's job agent has registered; until then a submission is refused with
+  # \"No available agent to submit job\": submit again after a pause, as a script that starts a head must.
+  for i in 1 2 3 4 5 6; do
+    cluster/submit.sh --submission-id=image-check -- configs/smoke.yaml --set run.dir=/opt/vgim/runs/check/job \
+      --set run.steps=10 --set run.threads=1 2>&1 | tee /tmp/submit.log && ! grep -q 'No available agent' /tmp/submit.log && break
+    grep -q 'No available agent' /tmp/submit.log || exit 1
+    echo 'the head has no job agent yet: submitting again in 10 s'; sleep 10
+  done
   status=\$(ray job status image-check | tail -1)
   echo \"\$status\"
   [[ \$status == *SUCCEEDED* ]]
