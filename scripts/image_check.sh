@@ -106,7 +106,7 @@ deps_layer() {  # the image's layer stack up to and including the dependency ins
   local n
   n=$("${B[@]}" inspect --type image --format '{{range .OCIv1.History}}{{if not .EmptyLayer}}{{println .CreatedBy}}{{end}}{{end}}' "$IMAGE" \
       | grep -n 'DEPS_ONLY=1' | cut -d: -f1)
-  "${B[@]}" inspect --type image --format '{{range .OCIv1.RootFS.DiffIDs}}{{println .}}{{end}}' "$IMAGE" | head -n "$n"
+  "${B[@]}" inspect --type image --format '{{range .OCIv1.RootFS.DiffIDs}}{{println .}}{{end}}' "$IMAGE" | sed -n "1,${n}p"
 }
 
 # (This storage is the check's own: its working containers, left by an interrupted check, all go.)
@@ -121,8 +121,8 @@ else
   log "cold build (downloads torch, Ray, DeepSpeed, MLflow and the rest: several GB)"
   cold=$(build "$WORK/build-cold.log")
 fi
-size=$("${B[@]}" images --format '{{.Size}}' "$IMAGE" | head -1)
-base_size=$("${B[@]}" images --format '{{.Size}}' "$BASE_IMAGE" | head -1)
+size=$("${B[@]}" images --format '{{.Size}}' "$IMAGE" | sed -n 1p)
+base_size=$("${B[@]}" images --format '{{.Size}}' "$BASE_IMAGE" | sed -n 1p)
 log "cold build: ${cold} s; image $size (the base alone: $base_size)"
 deps_before=$(deps_layer)
 
@@ -137,8 +137,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 log "runs as: $(run id)"
 [ "$(run id -u)" = 1000 ] || die "the image does not run as uid 1000"
-run --version | grep -q '^vgim-dist ' || die "vgim --version"
-run --help | grep -q 'train' || die "vgim --help"
+run --version | grep '^vgim-dist ' || die "vgim --version"
+run --help | grep -c 'train' >/dev/null || die "vgim --help"
 log "every vgim command through the entry point (eval and the other shell builtins' names included)"
 run bash -c '
   set -e
@@ -206,10 +206,10 @@ deps_after=$(deps_layer)
 [ -n "$deps_before" ] && [ "$deps_before" = "$deps_after" ] || die "the dependency layer was rebuilt"
 grep -q 'Using cache' "$WORK/build-warm.log" || die "no cached step in the warm rebuild"
 if grep -qE 'Collecting torch|Downloading torch' "$WORK/build-warm.log"; then die "the warm rebuild reinstalled torch"; fi
-size_warm=$("${B[@]}" images --format '{{.Size}}' "$IMAGE" | head -1)
+size_warm=$("${B[@]}" images --format '{{.Size}}' "$IMAGE" | sed -n 1p)
 
 commit=$(git -C "$REPO" rev-parse --short HEAD)
-dirty=$(git -C "$REPO" status --porcelain --untracked-files=no | grep -q . && echo " (with uncommitted changes)" || true)
+dirty=$(git -C "$REPO" status --porcelain --untracked-files=no | grep . >/dev/null && echo " (with uncommitted changes)" || true)
 {
   echo "date: $(date -u +%Y-%m-%d)"
   echo "commit: $commit$dirty"
