@@ -176,13 +176,13 @@ run bash -c "
   # \"No available agent to submit job\": submit again after a pause, as a script that starts a head must.
   for i in 1 2 3 4 5 6; do
     cluster/submit.sh --submission-id=image-check -- configs/smoke.yaml --set run.dir=/opt/vgim/runs/check/job \
-      --set run.steps=10 --set run.threads=1 2>&1 | tee /tmp/submit.log && ! grep -q 'No available agent' /tmp/submit.log && break
+      --set run.runner=pipeline --set run.steps=10 --set run.threads=1 2>&1 | tee /tmp/submit.log && ! grep -q 'No available agent' /tmp/submit.log && break
     grep -q 'No available agent' /tmp/submit.log || exit 1
     echo 'the head has no job agent yet: submitting again in 10 s'; sleep 10
   done
-  status=\$(ray job status image-check | tail -1)
-  echo \"\$status\"
-  [[ \$status == *SUCCEEDED* ]]
+  status=\$(python -c \"from ray.job_submission import JobSubmissionClient as C; print(C('\$RAY_ADDRESS').get_job_status('image-check').value)\")
+  echo \"job image-check: \$status\"
+  [[ \$status == SUCCEEDED ]]
 " || die "ray job submit"
 run bash -c 'test -f runs/check/job/summary.json' || die "the submitted job wrote no summary"
 
