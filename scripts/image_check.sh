@@ -106,18 +106,23 @@ deps_layer() {  # the image's layer stack up to and including the dependency ins
   local n
   n=$("${B[@]}" inspect --type image --format '{{range .OCIv1.History}}{{if not .EmptyLayer}}{{println .CreatedBy}}{{end}}{{end}}' "$IMAGE" \
       | grep -n 'DEPS_ONLY=1' | cut -d: -f1)
-  "${B[@]}" inspect --type image --format '{{range .OCIv1.RootFS.DiffIDs}}{{println .}}{{end}}' "$IMAGE" | head -n "$n"
+  "${B[@]}" inspect --type image --format '{{range .OCIv1.RootFS.DiffIDs}}{{println .}}{{end}}' "$IMAGE" | sed -n "1,${n}p"
 }
 
-# Layers left from an earlier check would make the "cold" build warm. (This storage is the check's own: its
-# working containers, left by an interrupted build, all go.)
+# (This storage is the check's own: its working containers, left by an interrupted check, all go.)
 "${B[@]}" rm --all >/dev/null 2>&1 || true
-"${B[@]}" rmi --force "$IMAGE" >/dev/null 2>&1 || true
-"${B[@]}" rmi --prune >/dev/null 2>&1 || true
-log "cold build (downloads torch, Ray, DeepSpeed, MLflow and the rest: several GB)"
-cold=$(build "$WORK/build-cold.log")
-size=$("${B[@]}" images --format '{{.Size}}' "$IMAGE" | head -1)
-base_size=$("${B[@]}" images --format '{{.Size}}' "$BASE_IMAGE" | head -1)
+if [ "${IMAGE_CHECK_REUSE:-0}" = 1 ] && "${B[@]}" inspect --type image "$IMAGE" >/dev/null 2>&1; then
+  # Rerunning the checks inside the image after a failed one, the Dockerfile unchanged: no new cold build.
+  cold="(not rebuilt: IMAGE_CHECK_REUSE=1; see $WORK/build-cold.log)"
+else
+  # Layers left from an earlier check would make the "cold" build warm.
+  "${B[@]}" rmi --force "$IMAGE" >/dev/null 2>&1 || true
+  "${B[@]}" rmi --prune >/dev/null 2>&1 || true
+  log "cold build (downloads torch, Ray, DeepSpeed, MLflow and the rest: several GB)"
+  cold=$(build "$WORK/build-cold.log")
+fi
+size=$("${B[@]}" images --format '{{.Size}}' "$IMAGE" | sed -n 1p)
+base_size=$("${B[@]}" images --format '{{.Size}}' "$BASE_IMAGE" | sed -n 1p)
 log "cold build: ${cold} s; image $size (the base alone: $base_size)"
 deps_before=$(deps_layer)
 
@@ -132,8 +137,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 log "runs as: $(run id)"
 [ "$(run id -u)" = 1000 ] || die "the image does not run as uid 1000"
-run --version | grep -q '^vgim-dist ' || die "vgim --version"
-run --help | grep -q 'train' || die "vgim --help"
+run --version | grep '^vgim-dist ' || die "vgim --version"
+run --help | grep -c 'train' >/dev/null || die "vgim --help"
 log "every vgim command through the entry point (eval and the other shell builtins' names included)"
 run bash -c '
   set -e
@@ -167,11 +172,17 @@ run bash -c "
   ray start --head --node-ip-address=127.0.0.1 --port=$gcs --dashboard-host=127.0.0.1 --dashboard-port=$dash \
     --num-cpus=2 --disable-usage-stats >/dev/null
   trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
-  cluster/submit.sh --submission-id=image-check -- configs/smoke.yaml --set run.dir=/opt/vgim/runs/check/job \
-    --set run.steps=10 --set run.threads=1
-  status=\$(ray job status image-check | tail -1)
-  echo \"\$status\"
-  [[ \$status == *SUCCEEDED* ]]
+  # ray start returns before the head's job agent has registered; until then a submission is refused with
+  # \"No available agent to submit job\": submit again after a pause, as a script that starts a head must.
+  for i in 1 2 3 4 5 6; do
+    cluster/submit.sh --submission-id=image-check -- configs/smoke.yaml --set run.dir=/opt/vgim/runs/check/job \
+      --set run.runner=pipeline --set run.steps=10 --set run.threads=1 2>&1 | tee /tmp/submit.log && ! grep -q 'No available agent' /tmp/submit.log && break
+    grep -q 'No available agent' /tmp/submit.log || exit 1
+    echo 'the head has no job agent yet: submitting again in 10 s'; sleep 10
+  done
+  status=\$(python -c \"from ray.job_submission import JobSubmissionClient as C; print(C('\$RAY_ADDRESS').get_job_status('image-check').value)\")
+  echo \"job image-check: \$status\"
+  [[ \$status == SUCCEEDED ]]
 " || die "ray job submit"
 run bash -c 'test -f runs/check/job/summary.json' || die "the submitted job wrote no summary"
 
@@ -195,10 +206,10 @@ deps_after=$(deps_layer)
 [ -n "$deps_before" ] && [ "$deps_before" = "$deps_after" ] || die "the dependency layer was rebuilt"
 grep -q 'Using cache' "$WORK/build-warm.log" || die "no cached step in the warm rebuild"
 if grep -qE 'Collecting torch|Downloading torch' "$WORK/build-warm.log"; then die "the warm rebuild reinstalled torch"; fi
-size_warm=$("${B[@]}" images --format '{{.Size}}' "$IMAGE" | head -1)
+size_warm=$("${B[@]}" images --format '{{.Size}}' "$IMAGE" | sed -n 1p)
 
 commit=$(git -C "$REPO" rev-parse --short HEAD)
-dirty=$(git -C "$REPO" status --porcelain --untracked-files=no | grep -q . && echo " (with uncommitted changes)" || true)
+dirty=$(git -C "$REPO" status --porcelain --untracked-files=no | grep . >/dev/null && echo " (with uncommitted changes)" || true)
 {
   echo "date: $(date -u +%Y-%m-%d)"
   echo "commit: $commit$dirty"
