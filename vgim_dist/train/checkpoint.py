@@ -158,7 +158,9 @@ class CheckpointManager:
         stored = {p["name"].rsplit("/", 1)[1]: p["size"] for p in listing}
         bad = [n for n in names if n not in files or stored.get(n) != files[n]["bytes"]]
         if bad:
-            raise RuntimeError(f"checkpoint step {step} incomplete: {bad} missing or short under {d}")
+            self._check_identity()   # a store that lost the run says so first (files vanish as a bucket is emptied)
+            raise StorageFault(f"{shown(self.fs, d)}: checkpoint step {step} incomplete, {bad} missing or short "
+                               "(the store lost files this run wrote, or a stage did not write them)")
         self._check_identity()
         body = {"step": step, "modules": modules, **(info or {}), "files": {n: files[n] for n in names}}
         write_bytes(self.fs, f"{d}/{MARKER}", json.dumps({**body, MARKER_SUM: _marker_sum(body)}, indent=1).encode())
